@@ -1,0 +1,82 @@
+"""Token ids for prompts and labels, and padded batches for training and generation.
+
+Causal models train on prompt + label + EOS with the loss on label + EOS only; seq2seq
+models read the prompt in the encoder and produce label + EOS. Over-long prompts lose
+their beginning, so the task text's end and ``Answer:`` always survive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from nlora.data import Example
+
+IGNORE_INDEX = -100  # positions the loss skips
+
+
+class Encoder:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        is_seq2seq: bool,
+        max_source_length: int = 512,
+    ) -> None:
+        if max_source_length < 8:
+            raise ValueError(f"max_source_length must be at least 8, got {max_source_length}")
+        self.tokenizer = tokenizer
+        self.is_seq2seq = is_seq2seq
+        self.max_source_length = max_source_length
+        self.pad_id = tokenizer.pad_token_id
+        self.eos_id = tokenizer.eos_token_id
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        if len(ids) <= self.max_source_length:
+            return ids
+        bos = self.tokenizer.bos_token_id
+        if bos is not None and ids[0] == bos:  # keep a leading BOS, cut after it
+            return [bos] + ids[len(ids) - self.max_source_length + 1 :]
+        return ids[len(ids) - self.max_source_length :]
+
+    def label_ids(self, label: str) -> list[int]:
+        return self.tokenizer(label, add_special_tokens=False)["input_ids"]
+
+    def train_features(self, example: Example) -> dict[str, list[int]]:
+        prompt = self.prompt_ids(example.prompt)
+        target = self.label_ids(example.label) + [self.eos_id]
+        if self.is_seq2seq:
+            return {"input_ids": prompt, "labels": target}
+        return {"input_ids": prompt + target, "labels": [IGNORE_INDEX] * len(prompt) + target}
+
+    def collate_train(self, features: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        """Right-padded batch (positions of real tokens stay 0..n-1 for causal models)."""
+        input_ids = pad([f["input_ids"] for f in features], self.pad_id, left=False)
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": pad([[1] * len(f["input_ids"]) for f in features], 0, left=False),
+            "labels": pad([f["labels"] for f in features], IGNORE_INDEX, left=False),
+        }
+        return batch
+
+    def collate_prompts(self, prompts: Sequence[list[int]]) -> dict[str, torch.Tensor]:
+        """Left-padded prompts, so every row's next token is generated at the same column."""
+        left = not self.is_seq2seq
+        return {
+            "input_ids": pad(prompts, self.pad_id, left=left),
+            "attention_mask": pad([[1] * len(p) for p in prompts], 0, left=left),
+        }
+
+
+def pad(rows: Sequence[Sequence[int]], value: int, left: bool) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            if left:
+                out[i, width - len(row) :] = torch.tensor(row)
+            else:
+                out[i, : len(row)] = torch.tensor(row)
+    return out

@@ -1,0 +1,94 @@
+"""One run's resolved settings: what the CLI builds, the run folder records, resume checks."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nlora.errors import ConfigError
+
+# Default sparsity weight of the ΔW-form penalty (sum of |entries| of scaling·B·A over all
+# adapted modules). Chosen from the sweep recorded in docs/method.md.
+DEFAULT_L1_LAMBDA = 1e-4
+
+PerTask = float | list[float]
+
+
+@dataclass
+class RunConfig:
+    # what to learn
+    model: str = "smollm2-135m"
+    data_dir: str = ""
+    tasks: list[str] = field(default_factory=list)  # resolved "CATEGORY/DATASET" names
+    order: str | None = None
+    method: str = "nlora"
+    # LoRA adapter (paper: rank 8, dropout 0.1, query and value projections)
+    lora_r: int = 8
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.1
+    target_modules: list[str] | None = None  # None: PEFT's query/value default for the model
+    # N-LoRA sparsity
+    l1_lambda: PerTask = DEFAULT_L1_LAMBDA
+    l1_on: str = "deltaw"
+    # optimisation (paper orders 1-3 defaults)
+    learning_rate: PerTask = 1e-3
+    epochs: int | list[int] = 10
+    batch_size: int = 32
+    weight_decay: float = 0.0
+    max_source_length: int = 512
+    # data subsampling and evaluation
+    train_per_task: int | None = None
+    test_per_task: int | None = None
+    eval_batch_size: int = 32
+    eval_on: str = "seen"  # "seen": tasks trained so far; "all": every task after every step
+    seed: int = 42
+
+    def per_task(self, name: str, index: int) -> Any:
+        """The value of a per-task option for task ``index`` (0-based)."""
+        value = getattr(self, name)
+        if isinstance(value, list):
+            if len(value) != len(self.tasks):
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} lists {len(value)} values for "
+                    f"{len(self.tasks)} tasks"
+                )
+            return value[index]
+        return value
+
+    def validate(self) -> None:
+        if not self.tasks:
+            raise ConfigError("no tasks: pass --order NAME or --tasks a,b,c")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ConfigError(f"a task appears twice in {', '.join(self.tasks)}")
+        for name in ("l1_lambda", "learning_rate", "epochs"):
+            for i in range(len(self.tasks)):
+                self.per_task(name, i)
+        if self.lora_r < 1:
+            raise ConfigError(f"--lora-r must be at least 1, got {self.lora_r}")
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ConfigError("batch sizes must be at least 1")
+        if self.eval_on not in ("seen", "all"):
+            raise ConfigError(f"--eval-on must be 'seen' or 'all', got {self.eval_on!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, path: Path) -> RunConfig:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"{path}: unknown keys {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+    def differences(self, other: RunConfig) -> list[str]:
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [k for k in mine if mine[k] != theirs[k]]

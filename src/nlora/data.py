@@ -1,0 +1,217 @@
+"""Benchmark tasks in the O-LoRA / N-LoRA ``CL_Benchmark`` layout, and their prompts.
+
+Layout: ``DATA/<CATEGORY>/<DATASET>/{train,test,labels}.json``; each split is a JSON
+list of ``{"sentence": str, "label": str}`` and ``labels.json`` lists the label strings.
+The category picks the instruction (paper, Table 6).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nlora.errors import DataError
+
+# Paper, Table 6. The public O-LoRA/N-LoRA instruction config ends each one with a newline.
+INSTRUCTIONS: dict[str, str] = {
+    "NLI": 'What is the logical relationship between the "sentence 1" and the "sentence 2"? '
+    "Choose one from the option.",
+    "QQP": 'Whether the "first sentence" and the "second sentence" have the same meaning? '
+    "Choose one from the option.",
+    "SC": "What is the sentiment of the following paragraph? Choose one from the option.",
+    "TC": "What is the topic of the following paragraph? Choose one from the option.",
+    "BoolQA": "According to the following passage, is the question true or false? "
+    "Choose one from the option.",
+    "MultiRC": "According to the following passage and question, is the candidate answer "
+    "true or false? Choose one from the option.",
+    "WiC": "Given a word and two sentences, whether the word is used with the same sense in "
+    "both sentence? Choose one from the option.",
+}
+
+# Where the paper's datasets live, so a task missing from a data dir can still be named.
+KNOWN_CATEGORIES: dict[str, str] = {
+    "yelp": "SC", "amazon": "SC", "imdb": "SC", "sst-2": "SC",
+    "dbpedia": "TC", "yahoo": "TC", "agnews": "TC",
+    "mnli": "NLI", "cb": "NLI", "rte": "NLI",
+    "qqp": "QQP", "boolqa": "BoolQA", "multirc": "MultiRC", "wic": "WiC", "copa": "COPA",
+}
+ALIASES: dict[str, str] = {"ag": "agnews", "sst2": "sst-2", "boolq": "boolqa"}
+
+
+def data_dir_from(option: str | os.PathLike | None) -> Path:
+    """The data directory: the option, else ``$NLORA_DATA``."""
+    value = option or os.environ.get("NLORA_DATA")
+    if not value:
+        raise DataError("no data directory: pass --data DIR or set NLORA_DATA")
+    path = Path(value).expanduser().resolve()
+    if not path.is_dir():
+        raise DataError(f"data directory {path} does not exist")
+    return path
+
+
+@dataclass(frozen=True)
+class Example:
+    sentence: str
+    label: str
+    prompt: str
+
+
+@dataclass
+class Task:
+    """One dataset of the benchmark, with its prompts built and splits loaded."""
+
+    name: str  # "CATEGORY/DATASET"
+    category: str
+    dataset: str
+    labels: list[str]
+    train: list[Example] = field(default_factory=list)
+    test: list[Example] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)  # split -> rows left out
+
+    @property
+    def short_name(self) -> str:
+        return self.dataset
+
+
+def build_prompt(category: str, dataset: str, labels: list[str], sentence: str) -> str:
+    """The prompt of the public O-LoRA/N-LoRA code (task and dataset header on)."""
+    if category not in INSTRUCTIONS:
+        raise DataError(
+            f"no instruction for category {category!r} (paper Table 6 has "
+            f"{', '.join(INSTRUCTIONS)}); put the dataset under one of those categories"
+        )
+    return (
+        f"Task:{category}\nDataset:{dataset}\n{INSTRUCTIONS[category]}\n"
+        f"Option: {', '.join(labels)} \n{sentence}\nAnswer:"
+    )
+
+
+def resolve_task(data_dir: Path, name: str) -> tuple[str, str]:
+    """Map ``CAT/DS`` or a unique ``DS`` (case-insensitive, aliases allowed) to (cat, ds)."""
+    wanted = name.strip()
+    if "/" in wanted:
+        category, dataset = wanted.split("/", 1)
+        candidates = [
+            (c.name, d.name)
+            for c in _subdirs(data_dir)
+            for d in _subdirs(c)
+            if c.name.lower() == category.lower() and d.name.lower() == dataset.lower()
+        ]
+    else:
+        key = ALIASES.get(wanted.lower(), wanted.lower())
+        candidates = [
+            (c.name, d.name)
+            for c in _subdirs(data_dir)
+            for d in _subdirs(c)
+            if d.name.lower() == key
+        ]
+    if len(candidates) > 1:
+        options = ", ".join(f"{c}/{d}" for c, d in candidates)
+        raise DataError(f"task {name!r} is ambiguous in {data_dir}: use one of {options}")
+    if not candidates:
+        raise DataError(f"task {name!r} not found in {data_dir} (expected CATEGORY/DATASET/)")
+    return candidates[0]
+
+
+def _subdirs(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def task_is_available(data_dir: Path, name: str) -> bool:
+    """True when the task resolves and has both a train and a test split."""
+    try:
+        category, dataset = resolve_task(data_dir, name)
+    except DataError:
+        return False
+    folder = data_dir / category / dataset
+    return (folder / "train.json").is_file() and (folder / "test.json").is_file()
+
+
+def _read_json(path: Path) -> object:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        with path.open(encoding="utf-8") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: malformed JSON at line {err.lineno} column {err.colno}") from None
+
+
+def read_labels(path: Path) -> list[str]:
+    labels = _read_json(path)
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+        raise DataError(f"{path}: expected a non-empty JSON list of label strings")
+    return labels
+
+
+def read_split(path: Path, labels: list[str]) -> tuple[list[dict[str, str]], int]:
+    """Validated rows of one split, and how many rows had a label outside ``labels``."""
+    rows = _read_json(path)
+    if not isinstance(rows, list):
+        raise DataError(f"{path}: expected a JSON list of {{sentence, label}} objects")
+    if not rows:
+        raise DataError(f"{path}: the split is empty")
+    known = set(labels)
+    kept, skipped = [], 0
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: row {index} is not an object")
+        for key in ("sentence", "label"):
+            if not isinstance(row.get(key), str):
+                raise DataError(f"{path}: row {index} has no string {key!r}")
+        if row["label"] not in known:
+            skipped += 1
+            continue
+        kept.append({"sentence": row["sentence"], "label": row["label"]})
+    if not kept:
+        raise DataError(f"{path}: no row has a label listed in labels.json")
+    return kept, skipped
+
+
+def stratified_sample(rows: list[dict[str, str]], n: int | None, seed: int) -> list[dict[str, str]]:
+    """``n`` rows drawn per label in proportion to its frequency (seeded); all if n is None."""
+    if n is None or n >= len(rows):
+        return list(rows)
+    if n <= 0:
+        raise DataError(f"subsample size must be positive, got {n}")
+    rng = random.Random(seed)
+    by_label: dict[str, list[int]] = defaultdict(list)
+    for index, row in enumerate(rows):
+        by_label[row["label"]].append(index)
+    # Largest-remainder allocation keeps the label mix and sums to exactly n.
+    quotas = {label: n * len(idx) / len(rows) for label, idx in by_label.items()}
+    counts = {label: int(q) for label, q in quotas.items()}
+    by_remainder = sorted(quotas, key=lambda lab: (quotas[lab] - counts[lab], lab), reverse=True)
+    for label in by_remainder[: n - sum(counts.values())]:
+        counts[label] += 1
+    chosen = [i for label in sorted(by_label) for i in rng.sample(by_label[label], counts[label])]
+    rng.shuffle(chosen)
+    return [rows[i] for i in chosen]
+
+
+def load_task(
+    data_dir: Path,
+    name: str,
+    train_per_task: int | None = None,
+    test_per_task: int | None = None,
+    seed: int = 42,
+    splits: tuple[str, ...] = ("train", "test"),
+) -> Task:
+    """Load, validate, subsample and prompt one task."""
+    category, dataset = resolve_task(data_dir, name)
+    folder = data_dir / category / dataset
+    labels = read_labels(folder / "labels.json")
+    task = Task(name=f"{category}/{dataset}", category=category, dataset=dataset, labels=labels)
+    sizes = {"train": train_per_task, "test": test_per_task}
+    for split in splits:
+        rows, skipped = read_split(folder / f"{split}.json", labels)
+        rows = stratified_sample(rows, sizes[split], seed)
+        prompts = [build_prompt(category, dataset, labels, r["sentence"]) for r in rows]
+        examples = [Example(r["sentence"], r["label"], p) for r, p in zip(rows, prompts)]
+        setattr(task, split, examples)
+        task.skipped[split] = skipped
+    return task

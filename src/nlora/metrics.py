@@ -1,0 +1,56 @@
+"""Continual-learning scores from the accuracy matrix.
+
+``matrix[i][j]`` is the accuracy (percent) on task i after training task j, ``None``
+where it was not measured (j < i unless every task is evaluated after every step).
+Indices below are 0-based; the paper's are 1-based.
+"""
+
+from __future__ import annotations
+
+Matrix = list[list[float | None]]
+
+
+def _value(matrix: Matrix, task: int, step: int) -> float:
+    value = matrix[task][step]
+    if value is None:
+        raise ValueError(f"accuracy of task {task + 1} after step {step + 1} was not measured")
+    return value
+
+
+def average_accuracy(matrix: Matrix) -> float:
+    """Paper eq. 5: mean accuracy over all tasks after the last task."""
+    last = len(matrix) - 1
+    return sum(_value(matrix, i, last) for i in range(len(matrix))) / len(matrix)
+
+
+def forgetting(matrix: Matrix) -> float | None:
+    """Paper eq. 6 (Chaudhry et al., 2018): mean drop from each earlier task's best to final.
+
+    For task t < T: max over steps k in [t, T-1) of a[t][k], minus a[t][T-1]. The paper writes
+    the max as over a_{k,t}; with its own definition of a_{i,j} (task i after step j) the
+    maximum must run over the training steps of task t, which is what this computes.
+    """
+    last = len(matrix) - 1
+    if last == 0:
+        return None
+    drops = [
+        max(_value(matrix, t, k) for k in range(t, last)) - _value(matrix, t, last)
+        for t in range(last)
+    ]
+    return sum(drops) / last
+
+
+def backward_transfer(matrix: Matrix) -> float | None:
+    """BWT (Lopez-Paz and Ranzato, 2017): mean of a[t][T-1] - a[t][t] over t < T-1."""
+    last = len(matrix) - 1
+    if last == 0:
+        return None
+    return sum(_value(matrix, t, last) - _value(matrix, t, t) for t in range(last)) / last
+
+
+def summarize(matrix: Matrix) -> dict[str, float | None]:
+    return {
+        "AA": average_accuracy(matrix),
+        "F.Ra": forgetting(matrix),
+        "BWT": backward_transfer(matrix),
+    }

@@ -1,0 +1,256 @@
+"""The continual loop: learn tasks one after another, evaluate after each, keep a run folder.
+
+Run folder::
+
+    RUN/config.yaml            resolved settings (a different config is refused on resume)
+    RUN/run.log                log of every run and resume
+    RUN/metrics.json           accuracy matrix + AA / F.Ra / BWT, rewritten after each task
+    RUN/tasks/NN-dataset/      one per finished task: adapter/ (PEFT), predictions.jsonl,
+                               done.json (written last: marks the task finished)
+
+Rerunning the same command resumes after the last finished task. Every task seeds its own
+randomness from (seed, task index), so a resumed run ends exactly where an uninterrupted
+one does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+
+from nlora.batching import Encoder
+from nlora.config import RunConfig
+from nlora.data import Task, load_task
+from nlora.errors import ConfigError
+from nlora.evaluate import Prediction, accuracy, generate_answers
+from nlora.io import write_json_atomic, write_text_atomic
+from nlora.methods import get_method
+from nlora.metrics import summarize
+from nlora.model import load_backbone
+from nlora.tables import format_results
+from nlora.train import train_task
+
+log = logging.getLogger("nlora")
+
+
+def task_folder(out_dir: Path, index: int, task: Task) -> Path:
+    return out_dir / "tasks" / f"{index + 1:02d}-{task.dataset}"
+
+
+def prepare_run_dir(config: RunConfig, out_dir: Path) -> None:
+    """Create ``out_dir`` with config.yaml, or check that it was made by the same config."""
+    saved = out_dir / "config.yaml"
+    if saved.is_file():
+        previous = RunConfig.from_yaml(saved)
+        changed = previous.differences(config)
+        if changed:
+            raise ConfigError(
+                f"{out_dir} holds a run with a different config ({', '.join(changed)} differ); "
+                "use another --out or the same options to resume"
+            )
+        return
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ConfigError(f"{out_dir} is not empty and holds no nlora run; choose another --out")
+    write_text_atomic(saved, config.to_yaml())
+
+
+def _attach_log_file(out_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(out_dir / "run.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger = logging.getLogger("nlora")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)  # the run log keeps progress whatever the console shows
+    return handler
+
+
+def load_tasks(config: RunConfig) -> list[Task]:
+    """Read and validate every task before any training, so bad data fails up front."""
+    tasks = []
+    for name in config.tasks:
+        task = load_task(
+            Path(config.data_dir), name, config.train_per_task, config.test_per_task, config.seed
+        )
+        for split, count in task.skipped.items():
+            if count:
+                log.warning(
+                    "%s %s: left out %d rows whose label is not in labels.json",
+                    task.name, split, count,
+                )
+        tasks.append(task)
+    return tasks
+
+
+def evaluate_tasks(
+    model: torch.nn.Module,
+    method: Any,
+    encoder: Encoder,
+    tasks: list[Task],
+    indices: list[int],
+    accelerator: Accelerator,
+    batch_size: int,
+) -> dict[int, list[Prediction]]:
+    """Predictions for each task in ``indices``; examples are split across processes."""
+    results = {}
+    for i in indices:
+        task = tasks[i]
+        eval_model = method.eval_model(model, i)
+        positions = list(range(len(task.test)))
+        with accelerator.split_between_processes(positions) as mine:
+            preds = generate_answers(
+                eval_model, encoder, [task.test[k] for k in mine], task.labels, batch_size,
+                desc=f"eval {task.dataset}",
+            )
+            preds = [Prediction(mine[p.index], p.prediction, p.label) for p in preds]
+        preds = sorted(gather_object(preds), key=lambda p: p.index)
+        results[i] = preds
+    return results
+
+
+def collect_metrics(out_dir: Path, tasks: list[Task]) -> dict[str, Any]:
+    """metrics.json content from the done.json of every finished task."""
+    names = [t.name for t in tasks]
+    matrix: list[list[float | None]] = [[None] * len(tasks) for _ in tasks]
+    finished = 0
+    for j, task in enumerate(tasks):
+        done = task_folder(out_dir, j, task) / "done.json"
+        if not done.is_file():
+            break
+        record = json.loads(done.read_text(encoding="utf-8"))
+        for name, acc in record["accuracy"].items():
+            matrix[names.index(name)][j] = acc
+        finished = j + 1
+    metrics: dict[str, Any] = {"tasks": names, "finished": finished, "accuracy": matrix}
+    if finished == len(tasks):
+        metrics["summary"] = summarize(matrix)
+    return metrics
+
+
+def finished_tasks(out_dir: Path, tasks: list[Task]) -> int:
+    count = 0
+    for j, task in enumerate(tasks):
+        if not (task_folder(out_dir, j, task) / "done.json").is_file():
+            break
+        count = j + 1
+    return count
+
+
+def run(config: RunConfig, out_dir: Path) -> dict[str, Any]:
+    """Run (or resume) the continual sequence in ``out_dir``; return metrics.json's content."""
+    config.validate()
+    out_dir = Path(out_dir).resolve()
+    accelerator = Accelerator()
+    tasks = load_tasks(config)
+    if accelerator.is_main_process:
+        prepare_run_dir(config, out_dir)
+    accelerator.wait_for_everyone()
+    handler = _attach_log_file(out_dir) if accelerator.is_main_process else None
+    try:
+        return _run(config, out_dir, tasks, accelerator)
+    finally:
+        if handler is not None:
+            logging.getLogger("nlora").removeHandler(handler)
+            handler.close()
+
+
+def _run(
+    config: RunConfig, out_dir: Path, tasks: list[Task], accelerator: Accelerator
+) -> dict[str, Any]:
+    backbone = load_backbone(config.model)
+    model = backbone.model.to(accelerator.device)
+    encoder = Encoder(backbone.tokenizer, backbone.is_seq2seq, config.max_source_length)
+    method = get_method(config.method)(config, backbone.is_seq2seq)
+    method.is_main_process = accelerator.is_main_process
+    done = finished_tasks(out_dir, tasks)
+    log.info(
+        "run %s: method %s, model %s, %d tasks (%d finished)",
+        out_dir, config.method, config.model, len(tasks), done,
+    )
+    for j in range(done):
+        model = method.restore_task(model, j, tasks[j], task_folder(out_dir, j, tasks[j]))
+        log.info("restored task %d/%d %s from %s", j + 1, len(tasks), tasks[j].name, out_dir)
+
+    for j in range(done, len(tasks)):
+        task, folder = tasks[j], task_folder(out_dir, j, tasks[j])
+        set_seed(config.seed + j)  # per-task seed: resume reproduces an uninterrupted run
+        label = f"task {j + 1}/{len(tasks)} {task.dataset}"
+        model = method.begin_task(model, j, task)
+        model, result = train_task(
+            model, method, j, method.train_examples(j, tasks), encoder, accelerator,
+            learning_rate=float(config.per_task("learning_rate", j)),
+            epochs=int(config.per_task("epochs", j)),
+            batch_size=config.batch_size,
+            weight_decay=config.weight_decay,
+            seed=config.seed + j,
+            desc=f"train {label}",
+        )
+        log.info(
+            "%s: %d steps in %.0fs, loss %.4f -> %.4f, penalty %.4g",
+            label, result.steps, result.seconds, result.first_loss, result.last_loss,
+            result.last_penalty,
+        )
+        if accelerator.is_main_process:
+            folder.mkdir(parents=True, exist_ok=True)
+        model = method.end_task(model, j, task, folder)
+        seen = list(range(len(tasks))) if config.eval_on == "all" else list(range(j + 1))
+        start = time.perf_counter()
+        predictions = evaluate_tasks(
+            model, method, encoder, tasks, seen, accelerator, config.eval_batch_size
+        )
+        eval_seconds = time.perf_counter() - start
+        if accelerator.is_main_process:
+            _write_task_record(folder, j, tasks, predictions, result, eval_seconds)
+            metrics = collect_metrics(out_dir, tasks)
+            write_json_atomic(out_dir / "metrics.json", metrics)
+            accs = ", ".join(
+                f"{tasks[i].dataset} {accuracy(p):.1f}" for i, p in predictions.items()
+            )
+            log.info("%s evaluated in %.0fs: %s", label, eval_seconds, accs)
+        accelerator.wait_for_everyone()
+
+    metrics = collect_metrics(out_dir, tasks)
+    if accelerator.is_main_process:
+        write_json_atomic(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+def _write_task_record(
+    folder: Path,
+    index: int,
+    tasks: list[Task],
+    predictions: dict[int, list[Prediction]],
+    result: Any,
+    eval_seconds: float,
+) -> None:
+    lines = [
+        json.dumps(
+            {"task": tasks[i].name, "index": p.index, "prediction": p.prediction,
+             "label": p.label, "correct": p.correct},
+            ensure_ascii=False,
+        )
+        for i, preds in predictions.items()
+        for p in preds
+    ]
+    write_text_atomic(folder / "predictions.jsonl", "\n".join(lines) + "\n")
+    write_json_atomic(
+        folder / "done.json",
+        {
+            "task": tasks[index].name,
+            "index": index + 1,
+            "accuracy": {tasks[i].name: accuracy(p) for i, p in predictions.items()},
+            "train": {"steps": result.steps, "seconds": round(result.seconds, 2),
+                      "first_loss": result.first_loss, "last_loss": result.last_loss,
+                      "last_penalty": result.last_penalty},
+            "eval_seconds": round(eval_seconds, 2),
+        },
+    )
+
+
+def print_results(metrics: dict[str, Any]) -> None:
+    print(format_results(metrics))
