@@ -211,7 +211,7 @@ def load_task(
         rows, skipped = read_split(folder / f"{split}.json", labels)
         rows = stratified_sample(rows, sizes[split], seed)
         prompts = [build_prompt(category, dataset, labels, r["sentence"]) for r in rows]
-        examples = [Example(r["sentence"], r["label"], p) for r, p in zip(rows, prompts)]
+        examples = [Example(r["sentence"], r["label"], p) for r, p in zip(rows, prompts, strict=True)]
         setattr(task, split, examples)
         task.skipped[split] = skipped
     return task
