@@ -210,8 +210,11 @@ def load_task(
     for split in splits:
         rows, skipped = read_split(folder / f"{split}.json", labels)
         rows = stratified_sample(rows, sizes[split], seed)
-        prompts = [build_prompt(category, dataset, labels, r["sentence"]) for r in rows]
-        examples = [Example(r["sentence"], r["label"], p) for r, p in zip(rows, prompts, strict=True)]
+        examples = [
+            Example(r["sentence"], r["label"], build_prompt(category, dataset, labels, text))
+            for r in rows
+            for text in [r["sentence"]]
+        ]
         setattr(task, split, examples)
         task.skipped[split] = skipped
     return task
