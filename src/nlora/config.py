@@ -52,10 +52,8 @@ class RunConfig:
         value = getattr(self, name)
         if isinstance(value, list):
             if len(value) != len(self.tasks):
-                raise ConfigError(
-                    f"--{name.replace('_', '-')} lists {len(value)} values for "
-                    f"{len(self.tasks)} tasks"
-                )
+                flag = "--lr" if name == "learning_rate" else f"--{name.replace('_', '-')}"
+                raise ConfigError(f"{flag} lists {len(value)} values for {len(self.tasks)} tasks")
             return value[index]
         return value
 
