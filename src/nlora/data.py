@@ -210,11 +210,8 @@ def load_task(
     for split in splits:
         rows, skipped = read_split(folder / f"{split}.json", labels)
         rows = stratified_sample(rows, sizes[split], seed)
-        examples = [
-            Example(r["sentence"], r["label"], build_prompt(category, dataset, labels, text))
-            for r in rows
-            for text in [r["sentence"]]
-        ]
+        prompt = lambda sentence: build_prompt(category, dataset, labels, sentence)  # noqa: E731
+        examples = [Example(r["sentence"], r["label"], prompt(r["sentence"])) for r in rows]
         setattr(task, split, examples)
         task.skipped[split] = skipped
     return task
