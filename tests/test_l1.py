@@ -135,3 +135,17 @@ def test_rejects_bad_shapes_and_block():
         l1_of_product(B, A.t())
     with pytest.raises(ValueError):
         l1_of_product(B, A, block_rows=0)
+
+
+def test_inference_mode_then_training():
+    # The CPU scratch block is cached across calls; one first made under inference mode
+    # must still be writable by a later training call.
+    B, A = _factors(4000, 2, 70, torch.float32)  # larger than any earlier test's block
+    with torch.inference_mode():
+        v_inf = l1_of_product(B, A, block_rows=3000)
+    v, gB, gA = _value_and_grads(l1_of_product, B, A, 1.0, block_rows=3000)
+    v_naive, gB_naive, gA_naive = _value_and_grads(l1_of_product_naive, B, A, 1.0)
+    torch.testing.assert_close(v_inf, v_naive.detach())
+    torch.testing.assert_close(v, v_naive)
+    torch.testing.assert_close(gB, gB_naive)
+    torch.testing.assert_close(gA, gA_naive)
