@@ -4,6 +4,9 @@
     PYTHONPATH=src python bench/l1.py --quick    # fewer modules and steps
     PYTHONPATH=src python bench/l1.py --sweep    # also blocked at several block budgets
 
+Times are the median (and min) over all steps of all rounds; the first step of each process
+is a timed step too (the warm-up covers one module only).
+
 A step is forward + backward of λ·Σ_modules l1(B, A, scaling), the N-LoRA penalty, with
 torch.set_num_threads(2). Every (shape, method) runs in a fresh subprocess so that one
 configuration's allocator state cannot hide another's peak. Memory: after the random
@@ -143,24 +146,38 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer modules and steps")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per config")
+    ap.add_argument("--rounds", type=int, default=None, help="fresh processes per config")
     ap.add_argument("--sweep", action="store_true", help="blocked at several block sizes")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
-    steps = args.steps or (3 if args.quick else 5)
+    steps = args.steps or (3 if args.quick else 4)
+    args.rounds = args.rounds or (1 if args.quick else 2)
 
+    # Rounds: every configuration runs `rounds` times, interleaved, each in a fresh process,
+    # so that a burst of load from other users of this shared machine hits several
+    # configurations a little rather than one a lot. Times pool over rounds; memory is the
+    # worst round.
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for round_index in range(args.rounds):
+        for shape, (modules, _, inp, _) in SHAPES.items():
+            if args.quick:
+                modules = QUICK_MODULES[shape]
+            configs: list[tuple[str, int | None]] = [("naive", None), ("blocked", None)]
+            if args.sweep:
+                configs += [("blocked", max(1, b // (inp * 4))) for b in SWEEP_BLOCK_BYTES]
+            for method, block_rows in configs:
+                res = run_config(shape, method, modules, steps, block_rows, args.dtype)
+                label = method if block_rows is None else f"blocked/{block_rows}"
+                runs.setdefault((shape, label), []).append(res)
+                print(f"  round {round_index + 1}: {shape:9s} {label:13s} "
+                      f"{res['median_s']:.3f} s/step", flush=True)
     rows = []
-    for shape, (modules, _, inp, _) in SHAPES.items():
-        if args.quick:
-            modules = QUICK_MODULES[shape]
-        configs: list[tuple[str, int | None]] = [("naive", None), ("blocked", None)]
-        if args.sweep:
-            configs += [("blocked", max(1, b // (inp * 4))) for b in SWEEP_BLOCK_BYTES]
-        for method, block_rows in configs:
-            res = run_config(shape, method, modules, steps, block_rows, args.dtype)
-            res["label"] = method if block_rows is None else f"blocked/{block_rows}"
-            rows.append(res)
-            print(f"  done {shape:9s} {res['label']:13s} {res['median_s']:.3f} s", flush=True)
+    for (_, label), results in runs.items():
+        times = [t for res in results for t in res["times_s"]]
+        rows.append({**results[0], "label": label, "rounds": len(results), "times_s": times,
+                     "median_s": statistics.median(times), "min_s": min(times),
+                     "extra_peak_mib": max(res["extra_peak_mib"] for res in results)})
 
     targets = {}
     for shape in SHAPES:
@@ -177,20 +194,21 @@ def main() -> None:
 
     env = {"torch": torch.__version__, "threads": 2, "cpus": os.cpu_count(),
            "loadavg_after": os.getloadavg(), "dtype": args.dtype, "quick": args.quick,
-           "steps": steps, "memory_method": rows[0]["memory_method"]}
+           "steps": steps, "rounds": args.rounds, "memory_method": rows[0]["memory_method"]}
     print()
     print(f"ℓ1 of ΔW = s·B·A, {args.dtype}, forward+backward of the summed penalty, "
-          f"torch {torch.__version__}, 2 threads, median of {steps} steps")
+          f"torch {torch.__version__}, 2 threads, "
+          f"{args.rounds} round(s) × {steps} steps, load avg after {os.getloadavg()[0]:.2f}")
     print("extra peak memory = peak RSS during the steps − RSS after factors and grads were "
           f"allocated (fresh subprocess per row; {rows[0]['memory_method']})")
     header = f"{'shape':9s} {'modules':>7s} {'method':13s} {'block':>6s} " \
-             f"{'s/step':>8s} {'extra MiB':>10s}"
+             f"{'median s':>8s} {'min s':>7s} {'extra MiB':>10s}"
     print(header)
     print("-" * len(header))
     for r in rows:
         block = "-" if r["block_rows"] is None else str(r["block_rows"])
         print(f"{r['shape']:9s} {r['modules']:7d} {r['label']:13s} {block:>6s} "
-              f"{r['median_s']:8.3f} {r['extra_peak_mib']:10.1f}")
+              f"{r['median_s']:8.3f} {r['min_s']:7.3f} {r['extra_peak_mib']:10.1f}")
     print()
     for shape, t in targets.items():
         print(f"{shape}: memory blocked/naive = {t['memory_ratio']:.4f} (target ≤ 0.05: "
