@@ -9,8 +9,11 @@ is a timed step too (the warm-up covers one module only).
 
 A step is forward + backward of λ·Σ_modules l1(B, A, scaling), the N-LoRA penalty, with
 torch.set_num_threads(2). Every (shape, method) runs in a fresh subprocess so that one
-configuration's allocator state cannot hide another's peak. Memory: after the random
-factors are allocated (and one gc), the process's peak-RSS counter is reset (writing 5 to
+configuration's allocator state cannot hide another's peak. Memory: the random factors and
+their .grad are allocated, one warm-up forward+backward on a single module pages in library
+code and thread pools (a one-off cost of neither method), the blocked form's cached scratch
+block is dropped (so that it counts), then gc + malloc_trim, and the process's peak-RSS
+counter is reset (writing 5 to
 /proc/self/clear_refs resets VmHWM) and its RSS read as the baseline; extra peak memory is
 max VmHWM over all steps minus that baseline. Where the reset is not allowed, the fallback
 is getrusage ru_maxrss minus the baseline, which can only overstate the extra.
@@ -71,7 +74,7 @@ def worker(shape: str, method: str, modules: int, steps: int, block_rows: int | 
     """One configuration in this (fresh) process; returns its measurements."""
     import torch
 
-    from nlora.l1 import default_block_rows, l1_of_product, l1_of_product_naive
+    from nlora.l1 import clear_scratch, default_block_rows, l1_of_product, l1_of_product_naive
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -109,6 +112,7 @@ def worker(shape: str, method: str, modules: int, steps: int, block_rows: int | 
     loss = torch.stack([penalty(B, A) for B, A in factors[:1]]).sum()
     loss.backward()
     del loss
+    clear_scratch()  # the blocked form's cached scratch block must count as its extra
     gc.collect()
     _malloc_trim()
     reset_ok = _reset_peak()

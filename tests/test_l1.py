@@ -36,7 +36,7 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-4), torch.bfloat16: dict(rtol=1e-2
         (37, 3, 53, 5),  # non-square, block does not divide out
         (20, 8, 96, 1),  # single-row blocks
         (10, 2, 7, 64),  # block larger than out
-        (600, 2, 1024, None),  # default block: 256 rows, 3 blocks, last one partial
+        (1100, 2, 1024, None),  # default block: 512 rows, 3 blocks, last one partial
     ],
 )
 def test_matches_naive(dtype, out, r, inp, block_rows):
@@ -123,9 +123,9 @@ def test_gradcheck_float64():
 
 
 def test_default_block_rows_budget():
-    assert default_block_rows(1024) == 256  # 1 MiB of float32 rows
-    assert default_block_rows(4096) == 64
-    assert default_block_rows(1024, torch.bfloat16) == 256  # computed in float32
+    assert default_block_rows(1024) == 512  # 2 MiB of float32 rows
+    assert default_block_rows(4096) == 128
+    assert default_block_rows(1024, torch.bfloat16) == 512  # computed in float32
     assert default_block_rows(10**8) == 1
 
 

@@ -24,11 +24,12 @@ import threading
 
 import torch
 
-# Bytes of one ΔW row block in the compute dtype. Small enough to sit in a core's L2 cache
-# (so abs/sign/matmul passes over it stay cache-resident) and to be negligible next to the
-# naive form's full matrices; large enough that per-block Python/dispatch overhead stays
-# small (see bench/l1.py --sweep and docs/performance.md).
-DEFAULT_BLOCK_BYTES = 1 << 20
+# Bytes of one ΔW row block in the compute dtype (2 MiB: 512 rows of 1024, 128 of 4096, in
+# float32). Negligible next to the naive form's full matrices and about one core's L2 here;
+# large enough that per-block dispatch overhead stays small. Measured with
+# bench/l1.py --sweep: 0.25-0.5 MiB blocks are 1.2-1.7x slower, 1-4 MiB within ~10%
+# (docs/performance.md).
+DEFAULT_BLOCK_BYTES = 2 << 20
 
 
 # Per-thread scratch blocks for CPU, keyed by dtype. Why not a fresh buffer per call: a ~1 MiB
@@ -53,6 +54,11 @@ def _scratch(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> 
             buf = torch.empty(rows * cols, dtype=dtype)
         buffers[dtype] = buf
     return buf[: rows * cols].view(rows, cols)
+
+
+def clear_scratch() -> None:
+    """Free this thread's cached scratch blocks (they are re-made on the next call)."""
+    _workspace.__dict__.pop("buffers", None)
 
 
 def l1_of_product_naive(B: torch.Tensor, A: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
