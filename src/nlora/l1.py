@@ -27,7 +27,7 @@ import torch
 # Bytes of one ΔW row block in the compute dtype (2 MiB: 512 rows of 1024, 128 of 4096, in
 # float32). Negligible next to the naive form's full matrices and about one core's L2 here;
 # large enough that per-block dispatch overhead stays small. Measured with
-# bench/l1.py --sweep: 0.25-0.5 MiB blocks are 1.2-1.7x slower, 1-4 MiB within ~10%
+# bench/l1.py --sweep: 0.25-0.5 MiB blocks are 1.1-1.7x slower, 1-4 MiB within ~12%
 # (docs/performance.md).
 DEFAULT_BLOCK_BYTES = 2 << 20
 
