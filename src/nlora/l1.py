@@ -3,8 +3,8 @@
 PEFT stores ``lora_A.weight`` as (r, in_features) and ``lora_B.weight`` as
 (out_features, r), so ΔW = scaling · B @ A has the layer's own (out, in) shape.
 
-The naive form materialises B @ A and autograd keeps it (and |B @ A|'s sign) alive until
-backward: one full (out, in) matrix per adapted module, ~4.3 GB in float32 for LLaMA-7B's
+The naive form materialises B @ A and autograd keeps it alive until backward (abs's backward
+needs its input): one full (out, in) matrix per adapted module, ~4.3 GB in float32 for LLaMA-7B's
 q/v projections. ``l1_of_product`` instead walks ΔW in row blocks, once in forward for the
 value and once more in backward for the gradient, so only one (block_rows, in) block exists
 at a time. With P = B @ A and S = sign(P):
