@@ -143,7 +143,12 @@ def gsr(dw: torch.Tensor) -> float:
     eq. 17's √(mn)·ℓ1/ℓ2 is rejected: it breaks cloning invariance (D4) and the direction of
     P2 (see docs/metrics.md and tests/test_analysis.py).
     """
-    return gsr_from_norms(float(dw.abs().sum()), float(dw.double().pow(2).sum()), dw.numel())
+    mags = dw.double().abs()
+    top = float(mags.max()) if mags.numel() else 0.0
+    if top == 0.0:
+        return math.nan
+    mags = mags / top  # dilation invariance (D2) lets us avoid under/overflow of ℓ2²
+    return gsr_from_norms(float(mags.sum()), float(mags.pow(2).sum()), dw.numel())
 
 
 def gsr_from_norms(l1: float, l2_squared: float, numel: int) -> float:
