@@ -467,6 +467,7 @@ def analyse_updates(
         entry.update({"oo": oo, "awom": aw, "cr": cr, "acr": average_collision_rate(cr)})
         per_module[module] = entry
     for i in range(t):
+        oo_sum[i][i] = awom_sum[i][i] = None  # a task against itself is not a pair
         for j in range(i + 1, t):
             oo_sum[j][i], awom_sum[j][i] = oo_sum[i][j], awom_sum[i][j]
     total = numel[0] if t else 0
@@ -497,8 +498,8 @@ def analyse_updates(
             "subspace_use": task_use,
             "nuclear_norm": task_nuclear,
             # OO_t / AWOM_t: task t against every earlier task, summed over modules
-            "oo": [sum(oo_sum[i][j] for i in range(j)) for j in range(t)],
-            "awom": [sum(awom_sum[i][j] for i in range(j)) for j in range(t)],
+            "oo": [sum(oo_sum[i][j] for i in range(j)) if j else None for j in range(t)],
+            "awom": [sum(awom_sum[i][j] for i in range(j)) if j else None for j in range(t)],
         },
         "pairs": {"oo": oo_sum, "awom": awom_sum, "cr": pooled_cr},
         "acr_curve": {
@@ -506,8 +507,8 @@ def analyse_updates(
             "acr": [average_collision_rate(cr_at(k)) for k in range(len(grid))],
         },
         "summary": {
-            "OO": sum(oo_sum[i][t - 1] for i in range(t - 1)) if t else math.nan,
-            "AWOM": sum(awom_sum[i][t - 1] for i in range(t - 1)) if t else math.nan,
+            "OO": sum(oo_sum[i][t - 1] for i in range(t - 1)) if t > 1 else math.nan,
+            "AWOM": sum(awom_sum[i][t - 1] for i in range(t - 1)) if t > 1 else math.nan,
             "GSR": _mean(task_gsr),
             "ACR": average_collision_rate(pooled_cr),
             "subspace_use": _mean(task_use),

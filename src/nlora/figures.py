@@ -21,6 +21,7 @@ import torch  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from nlora.analysis import ThresholdMode, nonzero_mask  # noqa: E402
 
@@ -158,6 +159,7 @@ def subspace_use_per_layer(
         ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7, ncol=3,
                   loc="lower right", bbox_to_anchor=(1.0, 1.0), frameon=False,
                   borderaxespad=0.1)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if k == len(runs) - 1:
             ax.set_xlabel("layer")
     return _save(fig, path)
@@ -205,13 +207,16 @@ def acr_curves(runs: Sequence[dict[str, Any]], path: Path | str) -> Path:
     runs = [r for r in runs if r["parameter"]]
     methods = sorted({str(r["method"]) for r in runs})
     styles = {m: ["-", "--", ":", "-."][k % 4] for k, m in enumerate(methods)}
+    method_colour = _method_colours(runs)  # same colours as Fig. 5 when methods tell runs apart
+    one_per_method = len(methods) == len(runs)
     fig = Figure(figsize=(6.4, 4.4))
     ax = fig.add_subplot()
     for k, run in enumerate(runs):
         curve = run["parameter"]["acr_curve"]
         ys = [math.nan if v is None else v for v in curve["acr"]]
-        # colour per run, line style per method
-        ax.plot(curve["thresholds"], ys, marker="o", ms=3, color=f"C{k % 10}",
+        # line style per method; colour per method, or per run when methods repeat
+        colour = method_colour[str(run["method"])] if one_per_method else f"C{k % 10}"
+        ax.plot(curve["thresholds"], ys, marker="o", ms=3, color=colour,
                 ls=styles[str(run["method"])], label=f"{run['name']} ({run['method']})")
     if runs:
         thr = runs[0]["parameter"]["threshold"]
@@ -229,6 +234,7 @@ def acr_curves(runs: Sequence[dict[str, Any]], path: Path | str) -> Path:
 
 def unseen_tasks(runs: Sequence[dict[str, Any]], path: Path | str) -> Path:
     """Fig. 4: accuracy on tasks never trained on, after the last trained task, per run."""
+    runs = [r for r in runs if r["unseen"]]
     tasks = sorted({t for r in runs for t in r["unseen"]})
     fig = Figure(figsize=(max(5.0, 1.2 * len(tasks) * max(1, len(runs)) + 2), 4))
     ax = fig.add_subplot()
