@@ -220,7 +220,8 @@ def acr_curves(runs: Sequence[dict[str, Any]], path: Path | str) -> Path:
                 ls=styles[str(run["method"])], label=f"{run['name']} ({run['method']})")
     if runs:
         thr = runs[0]["parameter"]["threshold"]
-        ax.axvline(thr["value"], color="gray", ls="--", lw=1, label=f"default {thr['value']:g}")
+        ax.axvline(thr["value"], color="gray", ls="--", lw=1,
+                   label=f"τ = {thr['value']:g} (used in tables)")
         unit = "× max|ΔW| (relative)" if thr["mode"] == "relative" else "(absolute)"
         ax.set_xlabel(f"threshold τ: non-zero means |x| > τ {unit}")
         ax.legend(fontsize=8)
