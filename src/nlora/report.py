@@ -1,0 +1,227 @@
+"""``nlora report RUN_DIR [RUN_DIR ...] --out report/``: Markdown report with figures.
+
+Writes ``report.md``, PNG figures and ``metrics.json`` (every metric per run, module, task and
+pair) into ``--out``. Several runs in one report are compared side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from nlora import figures
+from nlora.analysis import (
+    DEFAULT_AWOM_NORM,
+    DEFAULT_MODE,
+    DEFAULT_THRESHOLD,
+    analyse_run,
+    load_task_updates,
+)
+
+
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories to report on")
+    parser.add_argument("--out", type=Path, default=Path("report"), help="output folder")
+    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                        help="an entry of ΔW is non-zero if |x| > threshold "
+                             f"(× max|ΔW| in relative mode; default {DEFAULT_THRESHOLD:g})")
+    parser.add_argument("--threshold-mode", choices=["relative", "absolute"],
+                        default=DEFAULT_MODE, help=f"default {DEFAULT_MODE}")
+    parser.add_argument("--awom-norm", choices=["fro", "spectral"], default=DEFAULT_AWOM_NORM,
+                        help="matrix norm in AWOM (eq. 8); default Frobenius")
+    parser.add_argument("--module", default=None,
+                        help="module for the collision map (regex searched in module names; "
+                             "default: the first adapted module)")
+    parser.add_argument("--pair", type=int, nargs=2, default=(1, 2), metavar=("I", "J"),
+                        help="tasks (1-based) compared in the collision map; default 1 2")
+    parser.add_argument("--subspace-task", type=int, default=1,
+                        help="task (1-based) whose subspace use per layer is plotted (Fig. 3)")
+    parser.add_argument("--crop", type=int, default=96,
+                        help="collision maps show the top-left CROP×CROP block (0: all)")
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        if x != 0 and (abs(x) < 10 ** -digits or abs(x) >= 1e5):
+            return f"{x:.2e}"
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) if not isinstance(v, str) else v for v in row) + " |"
+              for row in rows]
+    return "\n".join(lines)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "run"
+
+
+def _unique_names(runs: list[Path]) -> list[str]:
+    names = [p.resolve().name for p in runs]
+    out = []
+    for p, name in zip(runs, names, strict=True):
+        if names.count(name) > 1:
+            name = f"{p.resolve().parent.name}/{name}"
+        out.append(name)
+    while len(set(out)) < len(out):  # still ambiguous: number them
+        out = [f"{k + 1}:{n}" for k, n in enumerate(out)]
+    return out
+
+
+def _pick_module(modules: list[str], pattern: str | None) -> str | None:
+    if not modules:
+        return None
+    if pattern is None:
+        return modules[0]
+    for m in modules:
+        if re.search(pattern, m):
+            return m
+    return None
+
+
+def _summary_rows(results: list[dict[str, Any]]) -> list[list[Any]]:
+    rows = []
+    for r in results:
+        s, p = r["scores"], (r["parameter"] or {}).get("summary", {})
+        rows.append([r["name"], str(r["method"]), str(len(r["tasks"])),
+                     s.get("AA"), s.get("F.Ra"), s.get("BWT"), s.get("FWT"),
+                     p.get("OO"), p.get("AWOM"), p.get("GSR"), p.get("ACR"),
+                     p.get("subspace_use"), p.get("nuclear_norm"),
+                     _unseen_cell(r)])
+    return rows
+
+
+def _unseen_cell(r: dict[str, Any]) -> str:
+    if not r["unseen"]:
+        return "–"
+    return ", ".join(f"{t}: {_fmt(v['final'], 1)}" for t, v in r["unseen"].items())
+
+
+def _square_table(m: list[list[Any]], tasks: list[str]) -> str:
+    header = ["task"] + [str(k + 1) for k in range(len(m))]
+    rows = [[f"{i + 1}. {tasks[i] if i < len(tasks) else ''}"] + list(row)
+            for i, row in enumerate(m)]
+    return _table(header, rows)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    missing = [str(p) for p in args.runs if not p.is_dir()]
+    if missing:
+        print(f"nlora report: not a run directory: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    names = _unique_names(list(args.runs))
+    results = []
+    for path, name in zip(args.runs, names, strict=True):
+        r = analyse_run(path, threshold=args.threshold, mode=args.threshold_mode,
+                        awom_norm=args.awom_norm)
+        r["name"] = name
+        results.append(r)
+    analysed = [r for r in results if r["parameter"]]
+
+    md = [f"# nlora report: {', '.join(names)}", ""]
+    thr = f"{args.threshold:g}" + (" × max|ΔW| per matrix" if args.threshold_mode == "relative"
+                                    else " (absolute)")
+    md += [
+        "Definitions, with the paper's equation numbers and the choices where it is ambiguous, "
+        "are in `docs/metrics.md`. Settings: an entry of ΔW counts as non-zero when "
+        f"|x| > {thr}; AWOM uses the {'Frobenius' if args.awom_norm == 'fro' else 'spectral'} "
+        "norm. OO and AWOM are the last task against all earlier ones, summed over modules; "
+        "GSR is each task's whole adapter taken as one vector, averaged over tasks (lower = "
+        "sparser); subspace use is ‖ΔW‖\\*/‖ΔW‖₂ ≤ r, averaged over modules and tasks, with "
+        "the raw nuclear norm ‖ΔW‖\\* beside it.",
+        "",
+        "## Summary",
+        "",
+        _table(["run", "method", "T", "AA", "F.Ra", "BWT", "FWT", "OO", "AWOM", "GSR", "ACR",
+                "subspace use", "‖ΔW‖*", "unseen (final)"], _summary_rows(results)),
+        "",
+    ]
+    notes = [(r["name"], n) for r in results for n in r["notes"]]
+    if notes:
+        md += ["Notes:", ""] + [f"- **{name}**: {n}" for name, n in notes] + [""]
+
+    if analysed:
+        md += ["## Comparisons", ""]
+        figures.gsr_vs_acr(analysed, out / "gsr_vs_acr.png")
+        md += ["### Sparsity, collisions and forgetting (Fig. 5)", "",
+               "![GSR vs ACR](gsr_vs_acr.png)", ""]
+        figures.acr_curves(analysed, out / "acr_curves.png")
+        md += ["### ACR against the non-zero threshold", "", "![ACR curves](acr_curves.png)", ""]
+        task = args.subspace_task - 1
+        figures.subspace_use_per_layer(analysed, out / "subspace_use.png", task=task)
+        md += [f"### Subspace use per layer, task {args.subspace_task} (Fig. 3)", "",
+               "![subspace use](subspace_use.png)", ""]
+    if any(r["unseen"] for r in results):
+        figures.unseen_tasks(results, out / "unseen.png")
+        md += ["### Unseen-task generalisation (Fig. 4)", "", "![unseen](unseen.png)", ""]
+
+    for r in results:
+        slug = _slug(r["name"])
+        md += [f"## Run {r['name']}", "",
+               f"`{r['dir']}` — method {r['method']}, model {r['model']}, "
+               f"tasks: {' → '.join(r['tasks'])}", ""]
+        md += [f"- {n}" for n in r["notes"]] + ([""] if r["notes"] else [])
+        if r["accuracy"]:
+            figures.accuracy_heatmap(r, out / f"{slug}_accuracy.png")
+            md += [f"![accuracy matrix]({slug}_accuracy.png)", ""]
+        p = r["parameter"]
+        if not p:
+            continue
+        md += _collision_section(r, args, out, slug)
+        pt = p["per_task"]
+        rows = [[f"{k + 1}. {r['tasks'][k] if k < len(r['tasks']) else ''}",
+                 pt["gsr"][k], pt["density"][k], pt["subspace_use"][k], pt["nuclear_norm"][k],
+                 pt["oo"][k], pt["awom"][k]] for k in range(len(pt["gsr"]))]
+        md += ["Per task (OO_t, AWOM_t: task t against all earlier tasks, summed over modules):",
+               "",
+               _table(["task", "GSR", "density", "subspace use", "‖ΔW‖*", "OO_t", "AWOM_t"],
+                      rows), ""]
+        if len(pt["gsr"]) > 1:
+            for key, title in [("cr", "Collision rate CR_ij (eq. 11, pooled over modules)"),
+                               ("oo", "‖A_iᵀA_j‖²_F summed over modules (eq. 7 terms)"),
+                               ("awom", "‖ΔW_jᵀΔW_i‖ summed over modules (eq. 8 terms)")]:
+                md += [f"{title}:", "", _square_table(p["pairs"][key], r["tasks"]), ""]
+        md += [f"Per-module values are in `metrics.json` ({len(p['modules'])} modules).", ""]
+
+    (out / "metrics.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
+    (out / "report.md").write_text("\n".join(md))
+    print(f"nlora report: wrote {out / 'report.md'}")
+    return 0
+
+
+def _collision_section(
+    r: dict[str, Any], args: argparse.Namespace, out: Path, slug: str
+) -> list[str]:
+    p = r["parameter"]
+    i, j = (k - 1 for k in args.pair)
+    t = len(p["per_task"]["gsr"])
+    if t < 2:
+        return []
+    if not (0 <= i < t and 0 <= j < t and i != j):
+        return [f"- collision map skipped: --pair {args.pair[0]} {args.pair[1]} is not a pair of "
+                f"the {t} tasks with adapters", ""]
+    module = _pick_module(p["modules"], args.module)
+    if module is None:
+        return [f"- collision map skipped: no module matches {args.module!r}", ""]
+    updates = load_task_updates(r["dir"])
+    dw_i, dw_j = updates[i][module].delta(), updates[j][module].delta()
+    labels = (f"task {i + 1} ({r['tasks'][i].split('/')[-1]})",
+              f"task {j + 1} ({r['tasks'][j].split('/')[-1]})")
+    name = f"{slug}_collision.png"
+    figures.collision_map(dw_i, dw_j, out / name, args.threshold, args.threshold_mode,
+                          labels=labels, title=f"{r['name']}: {module}",
+                          crop=args.crop or None)
+    cr = p["per_module"][module]["cr"][i][j]
+    return [f"Collision map (Fig. 2), `{module}`, CR = {_fmt(cr)}:", "",
+            f"![collision map]({name})", ""]
