@@ -40,7 +40,11 @@ from nlora.analysis import (
 )
 
 T = torch.tensor
-PROPS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: CI sees the same examples every run (no flaky property tests)
+PROPS = settings(
+    max_examples=60, deadline=None, derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 def t64(rows: list[list[float]]) -> torch.Tensor:
@@ -262,7 +266,7 @@ def test_theorem1_as_stated_is_false() -> None:
     assert (w1.T @ w2).tolist() == [[0.0, 1.0], [0.0, 0.0]]
     # and hypothesis finds such a pair by itself
     w1, w2 = find(non_colliding_pair(), lambda p: bool(torch.any(p[0].T @ p[1] != 0)),
-                  settings=settings(database=None, max_examples=2000))
+                  settings=settings(database=None, max_examples=2000, derandomize=True))
     assert collision_rate(w1, w2, 0.0, "absolute") == 0.0
 
 
@@ -285,7 +289,7 @@ def test_theorem1_orthogonal_yet_colliding() -> None:
 
 
 @given(s_i=st.floats(0.0, 1.0), s_j=st.floats(0.0, 1.0), seed=st.integers(0, 2**31 - 1))
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True)
 def test_theorem2_collision_rate_is_product_of_densities(s_i: float, s_j: float,
                                                          seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
@@ -307,7 +311,11 @@ def test_theorem2_collision_rate_is_product_of_densities(s_i: float, s_j: float,
 # "sparsity decreases" (D1, D3) means GSR rises and "sparsity increases" (P2) means it falls.
 # --------------------------------------------------------------------------------------------
 
-magnitudes = st.lists(st.floats(0.0, 10.0, allow_nan=False), min_size=2, max_size=24)
+# Zero or normal-range magnitudes: dilating a subnormal by c underflows to 0 (or loses digits),
+# which tests float64, not the metric.
+magnitudes = st.lists(
+    st.one_of(st.just(0.0), st.floats(1e-100, 10.0)), min_size=2, max_size=24
+)
 
 
 def mat(values: list[float]) -> torch.Tensor:

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from nlora import report
 from nlora.config import DEFAULT_L1_LAMBDA, RunConfig
 from nlora.data import KNOWN_CATEGORIES, data_dir_from, resolve_task, task_is_available
 from nlora.errors import ConfigError, DataError, NloraError
@@ -177,18 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     run_parser.set_defaults(func=cmd_run)
     orders = sub.add_parser("orders", help="list the paper's task orders")
     orders.set_defaults(func=cmd_orders)
-    _add_optional_commands(sub)
-    return parser
-
-
-def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
-    try:
-        from nlora import report
-    except ImportError:
-        return
     report_parser = sub.add_parser("report", help="Markdown report with figures for runs")
     report.add_report_arguments(report_parser)
     report_parser.set_defaults(func=report.run_report)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
