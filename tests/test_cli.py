@@ -45,6 +45,13 @@ def test_three_task_run_writes_the_accuracy_matrix(tiny_model_dir, data_dir, tmp
     assert (tmp_path / "run" / "config.yaml").is_file()
     assert (tmp_path / "run" / "run.log").read_text().count("evaluated") == 3
 
+    # the report reads the run as written: every figure and the metric table
+    assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "report")]) == 0
+    for name in ("report.md", "metrics.json", "run_accuracy.png", "run_collision.png",
+                 "gsr_vs_acr.png", "acr_curves.png", "subspace_use.png"):
+        assert (tmp_path / "report" / name).is_file(), name
+    assert "| run | nlora | 3 |" in (tmp_path / "report" / "report.md").read_text()
+
 
 def test_interrupted_run_resumes_to_the_same_result(tiny_llama_dir, data_dir, tmp_path,
                                                     monkeypatch):
