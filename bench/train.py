@@ -133,18 +133,19 @@ def main() -> None:
     parser.add_argument("--tasks", default="SC/amazon,SC/yelp")
     parser.add_argument("--train-n", type=int, help="training examples per task (default all)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per batching mode")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per batching mode")
     parser.add_argument("--seq-len", type=int, default=124, help="prompt tokens, step bench")
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds, step bench")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--quick", action="store_true", help="one task, 3 steps, 2 rounds")
+    parser.add_argument("--only-steps", action="store_true", help="skip the batching part")
     args = parser.parse_args()
     if args.quick:
         args.tasks, args.steps, args.rounds, args.train_n = "SC/amazon", 3, 2, 800
     backbone = load_backbone(args.model)
     base = backbone.model
     encoder = Encoder(backbone.tokenizer, is_seq2seq=False)
-    rows, grouped = grouping(base, encoder, args)
+    rows, grouped = ([], {}) if args.only_steps else grouping(base, encoder, args)
     print(table(["task", "padding random", "padding grouped", "padded tokens ratio",
                  "random tok/s", "grouped tok/s", "speed-up", "mean loss random",
                  "mean loss grouped"], rows))
@@ -152,7 +153,8 @@ def main() -> None:
     print()
     print(f"step on a {steps['batch_shape']} batch ({steps['answer_tokens']} answer tokens)")
     print(table(["step", "median s/step", "vs PEFT LoRA"], step_rows))
-    path = write_result("train-quick" if args.quick else "train",
+    name = "train-steps" if args.only_steps else "train"
+    path = write_result(name + ("-quick" if args.quick else ""),
                         {"args": vars(args), "grouping": grouped, "step": steps})
     print(f"\nwritten: {path}")
 
