@@ -80,3 +80,43 @@ def pad(rows: Sequence[Sequence[int]], value: int, left: bool) -> torch.Tensor:
             else:
                 out[i, : len(row)] = torch.tensor(row)
     return out
+
+
+class LengthGroupedBatchSampler:
+    """Shuffled batches of examples of similar length, so few tokens are padding.
+
+    Each epoch: a seeded permutation, cut into mega-chunks of ``chunk_batches`` batches; each
+    chunk is sorted by length and cut into batches; then the order of all batches is
+    shuffled. Batches stay random in content across chunks and in order, yet each holds
+    neighbours in length. Epoch e uses seed + e, so a run is reproducible from its seed.
+    """
+
+    def __init__(
+        self, lengths: Sequence[int], batch_size: int, seed: int, chunk_batches: int = 50
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.chunk = batch_size * chunk_batches
+        self.drop_last = False  # read by Accelerate when it shards batches over processes
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.batch_size)
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        gen = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(len(self.lengths), generator=gen).tolist()
+        batches = []
+        for start in range(0, len(order), self.chunk):
+            chunk = sorted(order[start : start + self.chunk], key=lambda i: -self.lengths[i])
+            step = self.batch_size
+            batches += [chunk[i : i + step] for i in range(0, len(chunk), step)]
+        return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+
+    def __iter__(self):
+        batches = self.batches(self.epoch)
+        self.epoch += 1  # the next pass over the data gets another shuffle
+        yield from batches

@@ -68,10 +68,14 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--weight-decay", type=float, default=0.0)
     opt.add_argument("--max-source-length", type=int, default=512)
     opt.add_argument("--seed", type=int, default=42)
+    opt.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
+                     help="training batches of similar length, still shuffled (default: on)")
     ev = parser.add_argument_group("data and evaluation")
     ev.add_argument("--train-per-task", type=int, help="stratified training subsample per task")
     ev.add_argument("--test-per-task", type=int, help="stratified test subsample per task")
-    ev.add_argument("--eval-batch-size", type=int, default=32)
+    ev.add_argument("--eval-batch-size", type=int, default=64)
+    ev.add_argument("--eval-mode", choices=["generate", "rank"], default="generate",
+                    help="greedy generation + exact match, or the most likely label")
     ev.add_argument("--eval-on", choices=["seen", "all"], default="seen",
                     help="evaluate seen tasks after each task, or all tasks (full matrix)")
 
@@ -132,6 +136,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         eval_batch_size=args.eval_batch_size,
         eval_on=args.eval_on,
         seed=args.seed,
+        group_by_length=args.group_by_length,
+        eval_mode=args.eval_mode,
     )
 
 

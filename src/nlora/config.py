@@ -40,11 +40,13 @@ class RunConfig:
     batch_size: int = 32
     weight_decay: float = 0.0
     max_source_length: int = 512
+    group_by_length: bool = True  # training batches of similar length (less padding)
     # data subsampling and evaluation
     train_per_task: int | None = None
     test_per_task: int | None = None
-    eval_batch_size: int = 32
+    eval_batch_size: int = 64
     eval_on: str = "seen"  # "seen": tasks trained so far; "all": every task after every step
+    eval_mode: str = "generate"  # "generate": greedy exact match; "rank": best label log-lik
     seed: int = 42
 
     def per_task(self, name: str, index: int) -> Any:
@@ -71,6 +73,8 @@ class RunConfig:
             raise ConfigError("batch sizes must be at least 1")
         if self.eval_on not in ("seen", "all"):
             raise ConfigError(f"--eval-on must be 'seen' or 'all', got {self.eval_on!r}")
+        if self.eval_mode not in ("generate", "rank"):
+            raise ConfigError(f"--eval-mode must be generate or rank, got {self.eval_mode!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

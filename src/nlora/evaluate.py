@@ -3,13 +3,20 @@
 Generation stops after the longest label's token count plus one (room for EOS): no
 correct answer is longer, so longer decoding only costs time. Prompts are sorted by
 length so batches carry little padding; predictions come back in the original order.
+``generate`` keeps the prompt's key/value cache between steps (``use_cache`` is on by
+default) and, for causal models, projects only the last position onto the vocabulary.
+
+``rank`` mode instead scores every label (+ EOS) by its log-likelihood given the prompt and
+predicts the most likely one: one pass over the prompt, whose cache all labels then reuse.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
@@ -69,10 +76,119 @@ def generate_answers(
     return [Prediction(i, texts[i].strip(), ex.label) for i, ex in enumerate(examples)]
 
 
+EVAL_MODES = ("generate", "rank")
+
+
+def predict(
+    model: PreTrainedModel,
+    encoder: Encoder,
+    examples: list[Example],
+    labels: list[str],
+    batch_size: int = 64,
+    mode: str = "generate",
+    desc: str = "eval",
+) -> list[Prediction]:
+    """Predictions by greedy generation (``generate``) or by label likelihood (``rank``)."""
+    if mode == "generate":
+        return generate_answers(model, encoder, examples, labels, batch_size, desc)
+    if mode == "rank":
+        return rank_answers(model, encoder, examples, labels, batch_size, desc)
+    raise ValueError(f"eval mode must be one of {EVAL_MODES}, got {mode!r}")
+
+
+@torch.no_grad()
+def rank_answers(
+    model: PreTrainedModel,
+    encoder: Encoder,
+    examples: list[Example],
+    labels: list[str],
+    batch_size: int = 64,
+    desc: str = "rank",
+) -> list[Prediction]:
+    """The label with the highest total log-likelihood of its tokens + EOS, per prompt."""
+    was_training = model.training
+    model.eval()
+    targets = [encoder.label_ids(label) + [encoder.eos_id] for label in labels]
+    prompts = [encoder.prompt_ids(ex.prompt) for ex in examples]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+    device = next(model.parameters()).device
+    score = _seq2seq_scores if encoder.is_seq2seq else _causal_scores
+    best: dict[int, int] = {}
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, unit="batch"):
+        chunk = order[start : start + batch_size]
+        batch = encoder.collate_prompts([prompts[i] for i in chunk])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        scores = score(model, batch, targets)  # (rows, labels)
+        best.update(zip(chunk, scores.argmax(dim=1).tolist(), strict=True))
+    model.train(was_training)
+    return [Prediction(i, labels[best[i]], ex.label) for i, ex in enumerate(examples)]
+
+
+def _accepts(model: torch.nn.Module, name: str) -> bool:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return name in inspect.signature(inner.forward).parameters
+
+
+def _causal_scores(
+    model: PreTrainedModel, batch: dict[str, torch.Tensor], targets: list[list[int]]
+) -> torch.Tensor:
+    mask = batch["attention_mask"]  # left-padded: every prompt ends at the last column
+    rows = mask.shape[0]
+    extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    out = model(
+        input_ids=batch["input_ids"], attention_mask=mask,
+        position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, **extra,
+    )
+    cache, first = out.past_key_values, F.log_softmax(out.logits[:, -1].float(), dim=-1)
+    lengths = mask.sum(-1, keepdim=True)
+    scores = torch.empty(rows, len(targets), device=mask.device)
+    for k, target in enumerate(targets):
+        ids = torch.tensor(target, device=mask.device)
+        total = first[:, ids[0]].clone()
+        if len(target) > 1:
+            # Feed the label's tokens after every prompt (the same label for all rows, so no
+            # padding), continuing from the cached prompt; then drop them from the cache.
+            steps = len(target) - 1
+            follow = model(
+                input_ids=ids[:-1].expand(rows, steps),
+                attention_mask=torch.cat([mask, mask.new_ones(rows, steps)], dim=1),
+                position_ids=lengths + torch.arange(steps, device=mask.device),
+                past_key_values=cache, use_cache=True,
+            )
+            logp = F.log_softmax(follow.logits.float(), dim=-1)
+            total += logp.gather(-1, ids[1:].expand(rows, steps).unsqueeze(-1)).sum((1, 2))
+            cache.crop(-steps)  # negative: remove that many tokens (all transformers versions)
+        scores[:, k] = total
+    return scores
+
+
+def _seq2seq_scores(
+    model: PreTrainedModel, batch: dict[str, torch.Tensor], targets: list[list[int]]
+) -> torch.Tensor:
+    encoder_outputs = model.get_encoder()(**batch)  # the prompt is read once for all labels
+    rows = batch["input_ids"].shape[0]
+    start = model.config.decoder_start_token_id
+    scores = torch.empty(rows, len(targets), device=batch["input_ids"].device)
+    for k, target in enumerate(targets):
+        ids = torch.tensor(target, device=scores.device)
+        decoder_input = torch.cat([ids.new_tensor([start]), ids[:-1]]).expand(rows, -1)
+        out = model(
+            encoder_outputs=encoder_outputs, attention_mask=batch["attention_mask"],
+            decoder_input_ids=decoder_input, use_cache=False,
+        )
+        logp = F.log_softmax(out.logits.float(), dim=-1)
+        scores[:, k] = logp.gather(-1, ids.expand(rows, -1).unsqueeze(-1)).sum((1, 2))
+    return scores
+
+
 def evaluate_task(
-    model: PreTrainedModel, encoder: Encoder, task: Task, batch_size: int = 32
+    model: PreTrainedModel,
+    encoder: Encoder,
+    task: Task,
+    batch_size: int = 64,
+    mode: str = "generate",
 ) -> tuple[float, list[Prediction]]:
-    predictions = generate_answers(
-        model, encoder, task.test, task.labels, batch_size, desc=f"eval {task.dataset}"
+    predictions = predict(
+        model, encoder, task.test, task.labels, batch_size, mode, desc=f"eval {task.dataset}"
     )
     return accuracy(predictions), predictions

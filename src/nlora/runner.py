@@ -29,7 +29,7 @@ from nlora.batching import Encoder
 from nlora.config import RunConfig
 from nlora.data import Task, load_task
 from nlora.errors import ConfigError
-from nlora.evaluate import Prediction, accuracy, generate_answers
+from nlora.evaluate import Prediction, accuracy, predict
 from nlora.io import write_json_atomic, write_text_atomic
 from nlora.methods import get_method
 from nlora.metrics import summarize
@@ -95,6 +95,7 @@ def evaluate_tasks(
     indices: list[int],
     accelerator: Accelerator,
     batch_size: int,
+    mode: str = "generate",
 ) -> dict[int, list[Prediction]]:
     """Predictions for each task in ``indices``; examples are split across processes."""
     results = {}
@@ -103,9 +104,9 @@ def evaluate_tasks(
         eval_model = method.eval_model(model, i)
         positions = list(range(len(task.test)))
         with accelerator.split_between_processes(positions) as mine:
-            preds = generate_answers(
+            preds = predict(
                 eval_model, encoder, [task.test[k] for k in mine], task.labels, batch_size,
-                desc=f"eval {task.dataset}",
+                mode, desc=f"eval {task.dataset}",
             )
             preds = [Prediction(mine[p.index], p.prediction, p.label) for p in preds]
         preds = sorted(gather_object(preds), key=lambda p: p.index)
@@ -113,7 +114,9 @@ def evaluate_tasks(
     return results
 
 
-def collect_metrics(out_dir: Path, tasks: list[Task]) -> dict[str, Any]:
+def collect_metrics(
+    out_dir: Path, tasks: list[Task], eval_mode: str = "generate"
+) -> dict[str, Any]:
     """metrics.json content from the done.json of every finished task."""
     names = [t.name for t in tasks]
     matrix: list[list[float | None]] = [[None] * len(tasks) for _ in tasks]
@@ -126,7 +129,9 @@ def collect_metrics(out_dir: Path, tasks: list[Task]) -> dict[str, Any]:
         for name, acc in record["accuracy"].items():
             matrix[names.index(name)][j] = acc
         finished = j + 1
-    metrics: dict[str, Any] = {"tasks": names, "finished": finished, "accuracy": matrix}
+    metrics: dict[str, Any] = {
+        "tasks": names, "finished": finished, "eval_mode": eval_mode, "accuracy": matrix
+    }
     if finished == len(tasks):
         metrics["summary"] = summarize(matrix)
     return metrics
@@ -189,6 +194,7 @@ def _run(
             weight_decay=config.weight_decay,
             seed=config.seed + j,
             desc=f"train {label}",
+            group_by_length=config.group_by_length,
         )
         log.info(
             "%s: %d steps in %.0fs, loss %.4f -> %.4f, penalty %.4g",
@@ -201,12 +207,13 @@ def _run(
         seen = list(range(len(tasks))) if config.eval_on == "all" else list(range(j + 1))
         start = time.perf_counter()
         predictions = evaluate_tasks(
-            model, method, encoder, tasks, seen, accelerator, config.eval_batch_size
+            model, method, encoder, tasks, seen, accelerator, config.eval_batch_size,
+            config.eval_mode,
         )
         eval_seconds = time.perf_counter() - start
         if accelerator.is_main_process:
             _write_task_record(folder, j, tasks, predictions, result, eval_seconds)
-            metrics = collect_metrics(out_dir, tasks)
+            metrics = collect_metrics(out_dir, tasks, config.eval_mode)
             write_json_atomic(out_dir / "metrics.json", metrics)
             accs = ", ".join(
                 f"{tasks[i].dataset} {accuracy(p):.1f}" for i, p in predictions.items()
@@ -214,7 +221,7 @@ def _run(
             log.info("%s evaluated in %.0fs: %s", label, eval_seconds, accs)
         accelerator.wait_for_everyone()
 
-    metrics = collect_metrics(out_dir, tasks)
+    metrics = collect_metrics(out_dir, tasks, config.eval_mode)
     if accelerator.is_main_process:
         write_json_atomic(out_dir / "metrics.json", metrics)
     return metrics

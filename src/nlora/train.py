@@ -15,8 +15,9 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from nlora.batching import Encoder
+from nlora.batching import Encoder, LengthGroupedBatchSampler
 from nlora.data import Example
+from nlora.loss import answer_head_forward, supports_answer_head
 from nlora.methods.base import ContinualMethod
 
 
@@ -42,27 +43,29 @@ def train_task(
     weight_decay: float,
     seed: int,
     desc: str = "train",
+    group_by_length: bool = True,
 ) -> tuple[torch.nn.Module, TrainResult]:
     features = [encoder.train_features(ex) for ex in examples]
-    loader = DataLoader(
-        features,
-        batch_size=batch_size,
-        shuffle=True,
-        collate_fn=encoder.collate_train,
-        generator=torch.Generator().manual_seed(seed),
-    )
+    loader = make_train_loader(features, encoder, batch_size, seed, group_by_length)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError(f"method {method.name} left no trainable parameter")
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    # The LM head only at answer positions needs the inner modules; a distributed wrapper
+    # (DDP) must see its own forward to synchronise gradients, so it keeps the plain one.
+    head_at_answers = (
+        not encoder.is_seq2seq
+        and accelerator.unwrap_model(model) is model
+        and supports_answer_head(model)
+    )
     model.train()
     start, losses, penalty_value, steps = time.perf_counter(), [], 0.0, 0
     total = epochs * len(loader)
     bar = tqdm(total=total, desc=desc, unit="step", disable=not accelerator.is_local_main_process)
     for _ in range(epochs):
         for batch in loader:
-            outputs = model(**batch)
+            outputs = answer_head_forward(model, batch) if head_at_answers else model(**batch)
             loss = outputs.loss
             penalty = method.penalty(accelerator.unwrap_model(model), index, batch, outputs)
             if penalty is not None:
@@ -88,3 +91,25 @@ def train_task(
         last_penalty=penalty_value,
     )
     return model, result
+
+
+def make_train_loader(
+    features: list[dict[str, list[int]]],
+    encoder: Encoder,
+    batch_size: int,
+    seed: int,
+    group_by_length: bool = True,
+) -> DataLoader:
+    """Shuffled training batches; grouped by length (less padding) unless told otherwise."""
+    if group_by_length:
+        sampler = LengthGroupedBatchSampler(
+            [len(f["input_ids"]) for f in features], batch_size, seed
+        )
+        return DataLoader(features, batch_sampler=sampler, collate_fn=encoder.collate_train)
+    return DataLoader(
+        features,
+        batch_size=batch_size,
+        shuffle=True,
+        collate_fn=encoder.collate_train,
+        generator=torch.Generator().manual_seed(seed),
+    )
