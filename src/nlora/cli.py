@@ -203,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     run_parser.set_defaults(func=cmd_run)
     orders = sub.add_parser("orders", help="list the paper's task orders")
     orders.set_defaults(func=cmd_orders)
+    from nlora import compare  # light: heavy imports happen only when it runs
+
+    compare_parser = sub.add_parser("compare", help="run several methods on the same tasks")
+    compare.add_compare_arguments(compare_parser)
+    compare_parser.set_defaults(func=compare.run_compare)
     _add_optional_commands(sub)
     return parser
 
