@@ -29,7 +29,11 @@ def estimate_fisher(model: torch.nn.Module, batches) -> dict[str, torch.Tensor]:
     params = dict(model.named_parameters())
     fisher = {name: torch.zeros_like(p) for name, p in params.items()}
     was_training = model.training
-    model.eval()
+    # train mode keeps gradient checkpointing on (it only acts in training); dropout off
+    model.train()
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    for m in dropouts:
+        m.eval()
     count = 0
     device = next(model.parameters()).device
     with torch.enable_grad():
@@ -73,7 +77,7 @@ class EWC(SeqFT):
         return self.config.ewc_lambda / 2 * ewc_penalty(model, self.fisher, self.anchor)
 
     def end_task(self, model, index: int, task: Task, folder: Path) -> PreTrainedModel:
-        model.requires_grad_(True)
+        model.requires_grad_(True)  # still checkpointing: the estimate stays small too
         batches = DataLoader(
             [self.encoder.train_features(ex) for ex in task.train],
             batch_size=self.config.batch_size,
