@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nlora import report
-from nlora.config import DEFAULT_L1_LAMBDA, RunConfig
+from nlora.config import DEFAULT_L1_LAMBDA, L1_PLACEMENTS, METHOD_DEFAULTS, RunConfig
 from nlora.data import KNOWN_CATEGORIES, data_dir_from, resolve_task, task_is_available
 from nlora.errors import ConfigError, DataError, NloraError
 from nlora.orders import ORDERS, PAPER_BASE_LAMBDA, get_order, substitute
@@ -49,7 +49,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--tasks", type=_names, help="custom order, e.g. agnews,SC/yelp,MNLI")
     what.add_argument("--substitute", action="append", default=[],
                       help="replace tasks of --order, e.g. yahoo=yelp (data not available)")
-    what.add_argument("--method", default="nlora", help="continual-learning method")
+    what.add_argument("--method", default="nlora",
+                      help="continual-learning method: nlora, olora, olora+nlora, inclora, "
+                      "seqlora, seqft, replay, ewc, lwf, mtl, pertaskft (docs/methods.md)")
     what.add_argument("--out", required=True, type=Path, help="run folder (resumes if present)")
     lora = parser.add_argument_group("adapter")
     lora.add_argument("--lora-r", type=int, default=8)
@@ -60,7 +62,23 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     lora.add_argument("--l1-lambda", type=_floats,
                       help=f"ℓ1 weight, one value or one per task (default {DEFAULT_L1_LAMBDA}, "
                       "scaled by the order's paper λ)")
-    lora.add_argument("--l1-on", default="deltaw", help="where the ℓ1 penalty goes")
+    lora.add_argument("--l1-on", default="deltaw", choices=L1_PLACEMENTS,
+                      help="where the ℓ1 penalty goes: ΔW (N-LoRA), A, B, A and B separately, "
+                      "or the public code's r x r lora_A @ lora_B (square modules only)")
+    meth = parser.add_argument_group("method options (docs/methods.md)")
+    meth.add_argument("--olora-lambda1", type=float, default=RunConfig.olora_lambda1,
+                      help="O-LoRA orthogonality weight λ₁ (default %(default)s)")
+    meth.add_argument("--olora-lambda2", type=float, default=RunConfig.olora_lambda2,
+                      help="O-LoRA ℓ2 weight λ₂ on the new adapter (default %(default)s)")
+    meth.add_argument("--replay-fraction", type=float, default=RunConfig.replay_fraction,
+                      help="replay: share of each earlier task's training set (default "
+                      "%(default)s)")
+    meth.add_argument("--ewc-lambda", type=float, default=RunConfig.ewc_lambda,
+                      help="EWC penalty weight (default %(default)s)")
+    meth.add_argument("--lwf-alpha", type=float, default=RunConfig.lwf_alpha,
+                      help="LwF distillation weight (default %(default)s)")
+    meth.add_argument("--lwf-temperature", type=float, default=RunConfig.lwf_temperature,
+                      help="LwF distillation temperature (default %(default)s)")
     opt = parser.add_argument_group("optimisation (defaults: the order's, else paper orders 1-3)")
     opt.add_argument("--lr", type=_floats, help="learning rate, one or one per task")
     opt.add_argument("--epochs", type=_ints, help="epochs, one or one per task")
@@ -98,6 +116,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     def from_order(value, field: str, default):
         if value is not None:
             return value
+        if field in METHOD_DEFAULTS.get(args.method, {}):  # e.g. full fine-tuning's lr
+            return METHOD_DEFAULTS[args.method][field]
         if order is not None:
             preset = getattr(order, field)
             return list(preset) if isinstance(preset, tuple) else preset
@@ -126,6 +146,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         target_modules=args.target_modules,
         l1_lambda=l1_lambda,
         l1_on=args.l1_on,
+        olora_lambda1=args.olora_lambda1,
+        olora_lambda2=args.olora_lambda2,
+        replay_fraction=args.replay_fraction,
+        ewc_lambda=args.ewc_lambda,
+        lwf_alpha=args.lwf_alpha,
+        lwf_temperature=args.lwf_temperature,
         learning_rate=from_order(args.lr, "learning_rate", 1e-3),
         epochs=from_order(args.epochs, "epochs", 10),
         batch_size=from_order(args.batch_size, "batch_size", 32),
@@ -184,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     run_parser.set_defaults(func=cmd_run)
     orders = sub.add_parser("orders", help="list the paper's task orders")
     orders.set_defaults(func=cmd_orders)
+    from nlora import compare  # compare builds on this module's run options
+
+    compare_parser = sub.add_parser("compare", help="run several methods on the same tasks")
+    compare.add_compare_arguments(compare_parser)
+    compare_parser.set_defaults(func=compare.run_compare)
     report_parser = sub.add_parser("report", help="Markdown report with figures for runs")
     report.add_report_arguments(report_parser)
     report_parser.set_defaults(func=report.run_report)

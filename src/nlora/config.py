@@ -15,6 +15,15 @@ from nlora.errors import ConfigError
 # adapted modules). Chosen from the sweep recorded in docs/method.md.
 DEFAULT_L1_LAMBDA = 1e-4
 
+# Where the ℓ1 penalty goes (paper Fig. 6 ablations, plus the released code's r x r form).
+L1_PLACEMENTS = ("deltaw", "a", "b", "a+b", "reference")
+
+# Per-method defaults that replace the order's preset when the option is not given: full
+# fine-tuning at the LoRA learning rate (1e-3) destroys a pretrained model. See docs/methods.md.
+METHOD_DEFAULTS: dict[str, dict[str, float]] = {
+    name: {"learning_rate": 1e-5} for name in ("seqft", "replay", "ewc", "lwf")
+}
+
 PerTask = float | list[float]
 
 
@@ -34,6 +43,13 @@ class RunConfig:
     # N-LoRA sparsity
     l1_lambda: PerTask = DEFAULT_L1_LAMBDA
     l1_on: str = "deltaw"
+    # other methods' knobs; meaning, defaults and their sources: docs/methods.md
+    olora_lambda1: float = 0.5  # O-LoRA orthogonality weight (O-LoRA code default)
+    olora_lambda2: float = 0.0  # O-LoRA ℓ2 weight on the new adapter (O-LoRA code default)
+    replay_fraction: float = 0.02  # share of each earlier task's training set replayed
+    ewc_lambda: float = 5000.0  # EWC penalty weight (our choice; the paper gives none)
+    lwf_alpha: float = 1.0  # LwF distillation weight (Li and Hoiem, 2017)
+    lwf_temperature: float = 2.0  # LwF softmax temperature (Li and Hoiem, 2017)
     # optimisation (paper orders 1-3 defaults)
     learning_rate: PerTask = 1e-3
     epochs: int | list[int] = 10
@@ -71,6 +87,17 @@ class RunConfig:
             raise ConfigError(f"--lora-r must be at least 1, got {self.lora_r}")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ConfigError("batch sizes must be at least 1")
+        if self.l1_on not in L1_PLACEMENTS:
+            raise ConfigError(
+                f"--l1-on must be one of {', '.join(L1_PLACEMENTS)}, got {self.l1_on!r}"
+            )
+        if not 0 < self.replay_fraction <= 1:
+            raise ConfigError(f"--replay-fraction must be in (0, 1], got {self.replay_fraction}")
+        if self.lwf_temperature <= 0:
+            raise ConfigError(f"--lwf-temperature must be positive, got {self.lwf_temperature}")
+        for name in ("olora_lambda1", "olora_lambda2", "ewc_lambda", "lwf_alpha"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be non-negative")
         if self.eval_on not in ("seen", "all"):
             raise ConfigError(f"--eval-on must be 'seen' or 'all', got {self.eval_on!r}")
         if self.eval_mode not in ("generate", "rank"):

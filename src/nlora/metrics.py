@@ -17,9 +17,14 @@ def _value(matrix: Matrix, task: int, step: int) -> float:
     return value
 
 
+def _is_joint(matrix: Matrix) -> bool:
+    """One column for several tasks: a single joint training step (multi-task learning)."""
+    return len(matrix) > 1 and len(matrix[0]) == 1
+
+
 def average_accuracy(matrix: Matrix) -> float:
-    """Paper eq. 5: mean accuracy over all tasks after the last task."""
-    last = len(matrix) - 1
+    """Paper eq. 5: mean accuracy over all tasks after the last task (step)."""
+    last = len(matrix[0]) - 1
     return sum(_value(matrix, i, last) for i in range(len(matrix))) / len(matrix)
 
 
@@ -31,7 +36,7 @@ def forgetting(matrix: Matrix) -> float | None:
     maximum must run over the training steps of task t, which is what this computes.
     """
     last = len(matrix) - 1
-    if last == 0:
+    if last == 0 or _is_joint(matrix):  # nothing was learned before the end
         return None
     drops = [
         max(_value(matrix, t, k) for k in range(t, last)) - _value(matrix, t, last)
@@ -43,7 +48,7 @@ def forgetting(matrix: Matrix) -> float | None:
 def backward_transfer(matrix: Matrix) -> float | None:
     """BWT (Lopez-Paz and Ranzato, 2017): mean of a[t][T-1] - a[t][t] over t < T-1."""
     last = len(matrix) - 1
-    if last == 0:
+    if last == 0 or _is_joint(matrix):
         return None
     return sum(_value(matrix, t, last) - _value(matrix, t, t) for t in range(last)) / last
 

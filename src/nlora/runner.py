@@ -5,8 +5,9 @@ Run folder::
     RUN/config.yaml            resolved settings (a different config is refused on resume)
     RUN/run.log                log of every run and resume
     RUN/metrics.json           accuracy matrix + AA / F.Ra / BWT, rewritten after each task
-    RUN/tasks/NN-dataset/      one per finished task: adapter/ (PEFT), predictions.jsonl,
-                               done.json (written last: marks the task finished)
+    RUN/tasks/NN-dataset/      one per finished task: adapter/ (PEFT) or the method's own
+                               files, predictions.jsonl, done.json (written last: marks
+                               the task finished); a joint method (mtl) has one 01-joint/
 
 Rerunning the same command resumes after the last finished task. Every task seeds its own
 randomness from (seed, task index), so a resumed run ends exactly where an uninterrupted
@@ -114,15 +115,23 @@ def evaluate_tasks(
     return results
 
 
+def step_folders(out_dir: Path, tasks: list[Task], joint: bool = False) -> list[Path]:
+    """One folder per training step: one per task, or a single one for joint training."""
+    if joint:
+        return [out_dir / "tasks" / "01-joint"]
+    return [task_folder(out_dir, j, task) for j, task in enumerate(tasks)]
+
+
 def collect_metrics(
-    out_dir: Path, tasks: list[Task], eval_mode: str = "generate"
+    out_dir: Path, tasks: list[Task], joint: bool = False, eval_mode: str = "generate"
 ) -> dict[str, Any]:
-    """metrics.json content from the done.json of every finished task."""
+    """metrics.json content from the done.json of every finished step (joint: one column)."""
     names = [t.name for t in tasks]
-    matrix: list[list[float | None]] = [[None] * len(tasks) for _ in tasks]
+    folders = step_folders(out_dir, tasks, joint)
+    matrix: list[list[float | None]] = [[None] * len(folders) for _ in tasks]
     finished = 0
-    for j, task in enumerate(tasks):
-        done = task_folder(out_dir, j, task) / "done.json"
+    for j, folder in enumerate(folders):
+        done = folder / "done.json"
         if not done.is_file():
             break
         record = json.loads(done.read_text(encoding="utf-8"))
@@ -132,15 +141,15 @@ def collect_metrics(
     metrics: dict[str, Any] = {
         "tasks": names, "finished": finished, "eval_mode": eval_mode, "accuracy": matrix
     }
-    if finished == len(tasks):
+    if finished == len(folders):
         metrics["summary"] = summarize(matrix)
     return metrics
 
 
-def finished_tasks(out_dir: Path, tasks: list[Task]) -> int:
+def finished_tasks(out_dir: Path, tasks: list[Task], joint: bool = False) -> int:
     count = 0
-    for j, task in enumerate(tasks):
-        if not (task_folder(out_dir, j, task) / "done.json").is_file():
+    for j, folder in enumerate(step_folders(out_dir, tasks, joint)):
+        if not (folder / "done.json").is_file():
             break
         count = j + 1
     return count
@@ -149,6 +158,7 @@ def finished_tasks(out_dir: Path, tasks: list[Task]) -> int:
 def run(config: RunConfig, out_dir: Path) -> dict[str, Any]:
     """Run (or resume) the continual sequence in ``out_dir``; return metrics.json's content."""
     config.validate()
+    get_method(config.method)  # an unknown method fails before the run folder is made
     out_dir = Path(out_dir).resolve()
     accelerator = Accelerator()
     tasks = load_tasks(config)
@@ -172,19 +182,22 @@ def _run(
     encoder = Encoder(backbone.tokenizer, backbone.is_seq2seq, config.max_source_length)
     method = get_method(config.method)(config, backbone.is_seq2seq)
     method.is_main_process = accelerator.is_main_process
-    done = finished_tasks(out_dir, tasks)
+    method.encoder = encoder
+    joint = method.joint  # multi-task learning: a single step on every task's data
+    folders = step_folders(out_dir, tasks, joint)
+    done = finished_tasks(out_dir, tasks, joint)
     log.info(
         "run %s: method %s, model %s, %d tasks (%d finished)",
         out_dir, config.method, config.model, len(tasks), done,
     )
     for j in range(done):
-        model = method.restore_task(model, j, tasks[j], task_folder(out_dir, j, tasks[j]))
-        log.info("restored task %d/%d %s from %s", j + 1, len(tasks), tasks[j].name, out_dir)
+        model = method.restore_task(model, j, tasks[j], folders[j])
+        log.info("restored task %d/%d %s from %s", j + 1, len(folders), folders[j].name, out_dir)
 
-    for j in range(done, len(tasks)):
-        task, folder = tasks[j], task_folder(out_dir, j, tasks[j])
+    for j in range(done, len(folders)):
+        task, folder = tasks[j], folders[j]
         set_seed(config.seed + j)  # per-task seed: resume reproduces an uninterrupted run
-        label = f"task {j + 1}/{len(tasks)} {task.dataset}"
+        label = "joint training" if joint else f"task {j + 1}/{len(tasks)} {task.dataset}"
         model = method.begin_task(model, j, task)
         model, result = train_task(
             model, method, j, method.train_examples(j, tasks), encoder, accelerator,
@@ -204,7 +217,8 @@ def _run(
         if accelerator.is_main_process:
             folder.mkdir(parents=True, exist_ok=True)
         model = method.end_task(model, j, task, folder)
-        seen = list(range(len(tasks))) if config.eval_on == "all" else list(range(j + 1))
+        every = joint or config.eval_on == "all"
+        seen = list(range(len(tasks))) if every else list(range(j + 1))
         start = time.perf_counter()
         predictions = evaluate_tasks(
             model, method, encoder, tasks, seen, accelerator, config.eval_batch_size,
@@ -212,8 +226,9 @@ def _run(
         )
         eval_seconds = time.perf_counter() - start
         if accelerator.is_main_process:
-            _write_task_record(folder, j, tasks, predictions, result, eval_seconds)
-            metrics = collect_metrics(out_dir, tasks, config.eval_mode)
+            _write_task_record(folder, j, tasks, predictions, result, eval_seconds, joint)
+            method.task_recorded(j, folder)
+            metrics = collect_metrics(out_dir, tasks, joint, config.eval_mode)
             write_json_atomic(out_dir / "metrics.json", metrics)
             accs = ", ".join(
                 f"{tasks[i].dataset} {accuracy(p):.1f}" for i, p in predictions.items()
@@ -221,7 +236,7 @@ def _run(
             log.info("%s evaluated in %.0fs: %s", label, eval_seconds, accs)
         accelerator.wait_for_everyone()
 
-    metrics = collect_metrics(out_dir, tasks, config.eval_mode)
+    metrics = collect_metrics(out_dir, tasks, joint, config.eval_mode)
     if accelerator.is_main_process:
         write_json_atomic(out_dir / "metrics.json", metrics)
     return metrics
@@ -234,6 +249,7 @@ def _write_task_record(
     predictions: dict[int, list[Prediction]],
     result: Any,
     eval_seconds: float,
+    joint: bool = False,
 ) -> None:
     lines = [
         json.dumps(
@@ -248,7 +264,7 @@ def _write_task_record(
     write_json_atomic(
         folder / "done.json",
         {
-            "task": tasks[index].name,
+            "task": "joint" if joint else tasks[index].name,
             "index": index + 1,
             "accuracy": {tasks[i].name: accuracy(p) for i, p in predictions.items()},
             "train": {"steps": result.steps, "seconds": round(result.seconds, 2),

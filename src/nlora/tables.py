@@ -13,7 +13,9 @@ def format_results(metrics: dict[str, Any]) -> str:
     """The accuracy matrix (rows: tasks, columns: after training task j) and the summary."""
     names = [n.split("/")[-1] for n in metrics["tasks"]]
     width = max(7, *(len(n) for n in names)) + 1
-    header = f"{'task':<{width}}" + "".join(f"{f'after {j + 1}':>9}" for j in range(len(names)))
+    header = f"{'task':<{width}}" + "".join(
+        f"{f'after {j + 1}':>9}" for j in range(len(metrics["accuracy"][0]))
+    )
     lines = ["Accuracy (%) of each task (row) after training task j (column)", header]
     for i, row in enumerate(metrics["accuracy"]):
         lines.append(f"{names[i]:<{width}}" + "".join(_fmt(v, 9) for v in row))

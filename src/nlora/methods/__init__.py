@@ -1,12 +1,31 @@
-"""Continual-learning methods, each one small file behind ``ContinualMethod``."""
+"""Continual-learning methods, each one small file behind ``ContinualMethod``.
+
+Adding a method: write ``methods/NAME.py`` with a ``ContinualMethod`` subclass and list it
+below. Their options and defaults are documented in docs/methods.md.
+"""
 
 from __future__ import annotations
 
 from nlora.errors import ConfigError
 from nlora.methods.base import ContinualMethod
+from nlora.methods.ewc import EWC
+from nlora.methods.inclora import IncLoRA
+from nlora.methods.lwf import LwF
+from nlora.methods.mtl import MTL
 from nlora.methods.nlora import NLoRA
+from nlora.methods.olora import OLoRA
+from nlora.methods.olora_nlora import OLoRANLoRA
+from nlora.methods.pertaskft import PerTaskFT
+from nlora.methods.replay import Replay
+from nlora.methods.seqft import SeqFT
+from nlora.methods.seqlora import SeqLoRA
 
-METHODS: dict[str, type[ContinualMethod]] = {m.name: m for m in [NLoRA]}
+METHODS: dict[str, type[ContinualMethod]] = {
+    m.name: m
+    for m in [
+        NLoRA, OLoRA, OLoRANLoRA, IncLoRA, SeqLoRA, SeqFT, Replay, EWC, LwF, MTL, PerTaskFT
+    ]
+}
 
 
 def get_method(name: str) -> type[ContinualMethod]:

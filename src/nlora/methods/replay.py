@@ -1,0 +1,34 @@
+"""Replay (paper Section 4.1): SeqFT plus a memory buffer of a fixed fraction
+(``--replay-fraction``) of each earlier task's training examples, mixed into later tasks'
+training. Each task's buffer is drawn once with a seed of its own, so it is the same at
+every later task and after a resume."""
+
+from __future__ import annotations
+
+import random
+
+from nlora.data import Example, Task
+from nlora.methods.seqft import SeqFT
+
+
+def buffer_size(config_fraction: float, n_train: int) -> int:
+    """At least one example per earlier task, else round(fraction · n)."""
+    return max(1, round(config_fraction * n_train))
+
+
+def memory(task: Task, index: int, fraction: float, seed: int) -> list[Example]:
+    """Task ``index``'s replay buffer."""
+    rng = random.Random(seed * 1000 + index)
+    return rng.sample(task.train, buffer_size(fraction, len(task.train)))
+
+
+class Replay(SeqFT):
+    name = "replay"
+
+    def train_examples(self, index: int, tasks: list[Task]) -> list[Example]:
+        replayed = [
+            ex
+            for i in range(index)
+            for ex in memory(tasks[i], i, self.config.replay_fraction, self.config.seed)
+        ]
+        return tasks[index].train + replayed  # the loader shuffles them together
