@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 
 from nlora.data import Task
-from nlora.methods.seqft import WEIGHTS, SeqFT, save_atomic
+from nlora.io import write_file_atomic
+from nlora.methods.seqft import WEIGHTS, SeqFT
 
 FISHER = "ewc_fisher.safetensors"
 
@@ -88,7 +89,7 @@ class EWC(SeqFT):
         self._set_anchor(model)
         if self.is_main_process:
             fisher = {k: v.contiguous() for k, v in self.fisher.items()}
-            save_atomic(folder / FISHER, lambda tmp: save_file(fisher, tmp))
+            write_file_atomic(folder / FISHER, lambda tmp: save_file(fisher, tmp))
         return super().end_task(model, index, task, folder)
 
     def restore_task(self, model, index: int, task: Task, folder: Path) -> PreTrainedModel:

@@ -8,8 +8,6 @@ recorded the previous copy is deleted, so a run keeps only the latest task's ful
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,22 +15,10 @@ from safetensors.torch import load_model, save_model
 from transformers import PreTrainedModel
 
 from nlora.data import Task
+from nlora.io import write_file_atomic
 from nlora.methods.base import ContinualMethod
 
 WEIGHTS = "model.safetensors"
-
-
-def save_atomic(path: Path, write) -> None:
-    """``write(tmp_path)`` then rename, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class SeqFT(ContinualMethod):
@@ -61,7 +47,7 @@ class SeqFT(ContinualMethod):
         model.config.use_cache = True  # fast generation at evaluation
         if self.is_main_process:
             # save_model handles tied weights (embeddings shared with the output layer)
-            save_atomic(folder / WEIGHTS, lambda tmp: save_model(model, tmp))
+            write_file_atomic(folder / WEIGHTS, lambda tmp: save_model(model, tmp))
         return model
 
     def restore_task(self, model, index: int, task: Task, folder: Path) -> PreTrainedModel:
