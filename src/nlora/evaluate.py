@@ -13,6 +13,7 @@ predicts the most likely one: one pass over the prompt, whose cache all labels t
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,19 @@ def accuracy(predictions: list[Prediction]) -> float:
     return 100.0 * sum(p.correct for p in predictions) / len(predictions)
 
 
+def _prompt_batches(
+    model: PreTrainedModel, encoder: Encoder, examples: list[Example], batch_size: int, desc: str
+) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """Left-padded prompt batches, longest first (little padding), with their row indices."""
+    prompts = [encoder.prompt_ids(ex.prompt) for ex in examples]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+    device = next(model.parameters()).device
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, unit="batch"):
+        chunk = order[start : start + batch_size]
+        batch = encoder.collate_prompts([prompts[i] for i in chunk])
+        yield chunk, {k: v.to(device) for k, v in batch.items()}
+
+
 @torch.no_grad()
 def generate_answers(
     model: PreTrainedModel,
@@ -52,14 +66,8 @@ def generate_answers(
     was_training = model.training
     model.eval()
     max_new_tokens = max(len(encoder.label_ids(label)) for label in labels) + 1
-    prompts = [encoder.prompt_ids(ex.prompt) for ex in examples]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
-    device = next(model.parameters()).device
     texts: dict[int, str] = {}
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, unit="batch"):
-        chunk = order[start : start + batch_size]
-        batch = encoder.collate_prompts([prompts[i] for i in chunk])
-        batch = {k: v.to(device) for k, v in batch.items()}
+    for chunk, batch in _prompt_batches(model, encoder, examples, batch_size, desc):
         out = model.generate(
             **batch,
             max_new_tokens=max_new_tokens,
@@ -109,15 +117,9 @@ def rank_answers(
     was_training = model.training
     model.eval()
     targets = [encoder.label_ids(label) + [encoder.eos_id] for label in labels]
-    prompts = [encoder.prompt_ids(ex.prompt) for ex in examples]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
-    device = next(model.parameters()).device
     score = _seq2seq_scores if encoder.is_seq2seq else _causal_scores
     best: dict[int, int] = {}
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, unit="batch"):
-        chunk = order[start : start + batch_size]
-        batch = encoder.collate_prompts([prompts[i] for i in chunk])
-        batch = {k: v.to(device) for k, v in batch.items()}
+    for chunk, batch in _prompt_batches(model, encoder, examples, batch_size, desc):
         scores = score(model, batch, targets)  # (rows, labels)
         best.update(zip(chunk, scores.argmax(dim=1).tolist(), strict=True))
     model.train(was_training)
