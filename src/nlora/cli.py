@@ -40,7 +40,7 @@ def _substitutions(items: list[str]) -> dict[str, str]:
     return pairs
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+def add_run_arguments(parser: argparse.ArgumentParser, with_method: bool = True) -> None:
     what = parser.add_argument_group("what to learn")
     what.add_argument("--model", default="smollm2-135m",
                       help="HF model id or local folder (seq2seq or causal); default: %(default)s")
@@ -49,9 +49,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--tasks", type=_names, help="custom order, e.g. agnews,SC/yelp,MNLI")
     what.add_argument("--substitute", action="append", default=[],
                       help="replace tasks of --order, e.g. yahoo=yelp (data not available)")
-    what.add_argument("--method", default="nlora",
-                      help="continual-learning method: nlora, olora, olora+nlora, inclora, "
-                      "seqlora, seqft, replay, ewc, lwf, mtl, pertaskft (docs/methods.md)")
+    if with_method:  # `nlora compare` takes --methods instead
+        what.add_argument("--method", default="nlora",
+                          help="continual-learning method: nlora, olora, olora+nlora, inclora, "
+                          "seqlora, seqft, replay, ewc, lwf, mtl, pertaskft (docs/methods.md)")
     what.add_argument("--out", required=True, type=Path, help="run folder (resumes if present)")
     lora = parser.add_argument_group("adapter")
     lora.add_argument("--lora-r", type=int, default=8)

@@ -21,7 +21,7 @@ COLUMNS = (("AA", max), ("F.Ra", min), ("BWT", max))  # and which end of each is
 
 
 def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
-    add_run_arguments(parser)  # --out is the comparison folder; --method is ignored
+    add_run_arguments(parser, with_method=False)  # --out is the comparison folder
     parser.add_argument("--methods", type=_names, required=True,
                         help="methods to compare, e.g. nlora,olora,inclora,seqlora")
 
