@@ -32,8 +32,8 @@ class SeqFT(ContinualMethod):
 
     def begin_task(self, model: PreTrainedModel, index: int, task: Task) -> torch.nn.Module:
         model.requires_grad_(True)
-        # Activations, not weights, dominate memory at batch 32 (SmolLM2-135M without it
-        # passes 18 GB); recomputing them in the backward pass keeps full fine-tuning small.
+        # Activations, not weights, dominate memory at batch 32; recomputing them in the
+        # backward pass keeps full fine-tuning small (docs/methods.md, "Memory").
         # Dropout's random state is replayed, so results are unchanged.
         if getattr(model, "supports_gradient_checkpointing", False):
             model.gradient_checkpointing_enable()
