@@ -129,15 +129,11 @@ def collect_metrics(
     names = [t.name for t in tasks]
     folders = step_folders(out_dir, tasks, joint)
     matrix: list[list[float | None]] = [[None] * len(folders) for _ in tasks]
-    finished = 0
-    for j, folder in enumerate(folders):
-        done = folder / "done.json"
-        if not done.is_file():
-            break
-        record = json.loads(done.read_text(encoding="utf-8"))
+    finished = finished_tasks(out_dir, tasks, joint)
+    for j, folder in enumerate(folders[:finished]):
+        record = json.loads((folder / "done.json").read_text(encoding="utf-8"))
         for name, acc in record["accuracy"].items():
             matrix[names.index(name)][j] = acc
-        finished = j + 1
     metrics: dict[str, Any] = {
         "tasks": names, "finished": finished, "eval_mode": eval_mode, "accuracy": matrix
     }
@@ -147,6 +143,7 @@ def collect_metrics(
 
 
 def finished_tasks(out_dir: Path, tasks: list[Task], joint: bool = False) -> int:
+    """How many steps, from the first, have their done.json (the finished prefix)."""
     count = 0
     for j, folder in enumerate(step_folders(out_dir, tasks, joint)):
         if not (folder / "done.json").is_file():
