@@ -4,9 +4,13 @@
    padding share over a whole epoch of each task, and measured non-padding tokens/s of
    real LoRA training steps on the first ``--steps`` batches of each, interleaved. The
    losses of those steps are recorded too (both start from the same adapter).
-2. Step time on fixed 8x128-token batches: a plain PEFT LoRA step (``model(**batch)``,
-   head at every position), the same step with the LM head only at answer positions, and
-   the full N-LoRA step (head at answers + ℓ1 penalty). Interleaved; medians.
+2. Step time on one fixed batch (the 8 longest amazon prompts that fit ``--seq-len``
+   uncut): a plain PEFT LoRA step (``model(**batch)``, head at every position), the same
+   step with the LM head only at answer positions, the N-LoRA step as ``nlora run`` trains
+   (head at answers + ℓ1 penalty), and that step with the prompts' shared prefix run once
+   per batch. Interleaved rounds; medians, and the median of per-round ratios to the PEFT
+   step. FLOPs per step (torch's FLOP counter + attention) against the matmul FLOP/s
+   measured in the same process every round.
 
     PYTHONPATH=src python bench/train.py [--quick]
 """
@@ -20,12 +24,13 @@ from pathlib import Path
 
 import torch
 from common import median, table, timed, write_result
+from flops import matmul_ceiling, step_flops
 
 from nlora.adapters import add_adapter
 from nlora.batching import Encoder
 from nlora.config import RunConfig
 from nlora.data import load_task
-from nlora.loss import answer_head_forward
+from nlora.loss import answer_head_forward, batch_prefix_length
 from nlora.methods.nlora import NLoRA
 from nlora.model import load_backbone
 from nlora.train import make_train_loader
@@ -96,36 +101,63 @@ def grouping(base, encoder, args) -> tuple[list[list], dict]:
     return rows, record
 
 
+def step_batch(encoder, args, task_name: str = "SC/amazon"):
+    """The ``--batch-size`` longest prompts that fit ``--seq-len`` uncut (their header kept)."""
+    task = load_task(DATA, task_name, train_per_task=400, seed=42, splits=("train",))
+    features = [f for f in (encoder.train_features(ex) for ex in task.train)
+                if f["labels"].count(-100) <= args.seq_len]
+    features = sorted(features, key=lambda f: -len(f["input_ids"]))[: args.batch_size]
+    return encoder.collate_train(features)
+
+
 def step_times(base, encoder, args) -> tuple[list[list], dict]:
-    task = load_task(DATA, "SC/amazon", train_per_task=400, seed=42, splits=("train",))
-    short = Encoder(encoder.tokenizer, is_seq2seq=False, max_source_length=args.seq_len)
-    features = sorted((short.train_features(ex) for ex in task.train),
-                      key=lambda f: -len(f["input_ids"]))[: args.batch_size]
-    batch = short.collate_train(features)  # the longest prompts: a full 8 x seq_len batch
+    batch = step_batch(encoder, args)
     method = NLoRA(RunConfig(), is_seq2seq=False)
     method.l1_lambda = 1e-4
 
     def penalty(model):
         return method.penalty(model, 0, batch, None)
 
+    def prefix_once(model, batch):
+        return answer_head_forward(model, batch, shared_prefix=True)
+
     variants = {
         "PEFT LoRA, head everywhere": (plain, None),
         "LoRA, head at answers": (answer_head_forward, None),
         "N-LoRA (head at answers + l1)": (answer_head_forward, penalty),
-        "N-LoRA, head everywhere + l1": (plain, penalty),
+        "N-LoRA, prompt prefix once per batch": (prefix_once, penalty),
     }
     runs = {name: new_adapter(base, seed=0) for name in variants}
+    flops = {}
+    for name, (forward, pen) in variants.items():  # counted once, untimed (the counter is slow)
+        model, optimizer = runs[name]
+        flops[name] = step_flops(model, train_step, model, optimizer, batch, forward, pen)
     times: dict[str, list[float]] = {name: [] for name in variants}
+    ceilings = []
     for _ in range(args.rounds):
+        ceilings.append(matmul_ceiling(ceiling_shapes(base))["flops_per_s"])
         for name, (forward, pen) in variants.items():
             model, optimizer = runs[name]
             _, t = timed(train_step, model, optimizer, batch, forward, pen)
             times[name].append(t)
-    ref = median(times["PEFT LoRA, head everywhere"])
-    rows = [[name, median(v), median(v) / ref] for name, v in times.items()]
+    ceiling = median(ceilings)
+    ref = times["PEFT LoRA, head everywhere"]
+    rows = []
+    for name, v in times.items():
+        ratios = [a / b for a, b in zip(v, ref, strict=True)]  # per round: same machine load
+        achieved = flops[name]["flops"] / median(v)
+        rows.append([name, median(v), min(v), median(ratios), max(ratios),
+                     flops[name]["flops"] / 1e12, achieved / 1e9, achieved / ceiling])
     shape = list(batch["input_ids"].shape)
-    return rows, {"batch_shape": shape, "seconds": times,
+    return rows, {"batch_shape": shape, "seconds": times, "flops": flops,
+                  "matmul_flops_per_s": ceilings, "prefix_tokens": batch_prefix_length(batch),
+                  "real_tokens": int(batch["attention_mask"].sum()),
                   "answer_tokens": int((batch["labels"] != -100).sum())}
+
+
+def ceiling_shapes(model) -> list[tuple[int, int, int]]:
+    config = model.config
+    return [(1024, config.hidden_size, config.intermediate_size), (2048, 2048, 2048)]
 
 
 def main() -> None:
@@ -135,7 +167,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=6, help="timed steps per batching mode")
     parser.add_argument("--seq-len", type=int, default=124, help="prompt tokens, step bench")
-    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds, step bench")
+    parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds, step bench")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--quick", action="store_true", help="one task, 3 steps, 2 rounds")
     parser.add_argument("--only-steps", action="store_true", help="skip the batching part")
@@ -151,8 +183,11 @@ def main() -> None:
                  "mean loss grouped"], rows))
     step_rows, steps = step_times(base, encoder, args)
     print()
-    print(f"step on a {steps['batch_shape']} batch ({steps['answer_tokens']} answer tokens)")
-    print(table(["step", "median s/step", "vs PEFT LoRA"], step_rows))
+    print(f"step on a {steps['batch_shape']} batch ({steps['real_tokens']} real tokens, "
+          f"{steps['answer_tokens']} answer tokens, shared prefix {steps['prefix_tokens']}); "
+          f"matmul {median(steps['matmul_flops_per_s']) / 1e9:.1f} GFLOP/s")
+    print(table(["step", "median s/step", "min s/step", "vs PEFT LoRA (median of rounds)",
+                 "max ratio", "TFLOP/step", "GFLOP/s", "of matmul"], step_rows))
     name = "train-steps" if args.only_steps else "train"
     path = write_result(name + ("-quick" if args.quick else ""),
                         {"args": vars(args), "grouping": grouped, "step": steps})

@@ -97,6 +97,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, with_method: bool = True)
                     help="greedy generation + exact match, or the most likely label")
     ev.add_argument("--eval-on", choices=["seen", "all"], default="seen",
                     help="evaluate seen tasks after each task, or all tasks (full matrix)")
+    ev.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
+                    help="run the prompts' shared prefix once in evaluation; same predictions "
+                    "(causal models; default: on)")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -165,6 +168,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         seed=args.seed,
         group_by_length=args.group_by_length,
         eval_mode=args.eval_mode,
+        prefix_cache=args.prefix_cache,
     )
 
 

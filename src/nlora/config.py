@@ -63,6 +63,7 @@ class RunConfig:
     eval_batch_size: int = 64
     eval_on: str = "seen"  # "seen": tasks trained so far; "all": every task after every step
     eval_mode: str = "generate"  # "generate": greedy exact match; "rank": best label log-lik
+    prefix_cache: bool = True  # evaluation runs the prompts' shared prefix once (causal LMs)
     seed: int = 42
 
     def per_task(self, name: str, index: int) -> Any:

@@ -8,6 +8,10 @@ default) and, for causal models, projects only the last position onto the vocabu
 
 ``rank`` mode instead scores every label (+ EOS) by its log-likelihood given the prompt and
 predicts the most likely one: one pass over the prompt, whose cache all labels then reuse.
+
+For causal models the prompt prefix that all of a task's prompts share (header, instruction,
+options) runs once; every batch starts from a copy of its key/value cache and runs only the
+rows' own tokens (``nlora.prefix``; ``prefix_cache=False`` turns it off).
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
+from transformers.cache_utils import Cache
 
 from nlora.batching import Encoder
 from nlora.data import Example, Task
+from nlora.prefix import PrefixCache, build_prefix_cache
 
 
 @dataclass
@@ -41,17 +47,49 @@ def accuracy(predictions: list[Prediction]) -> float:
     return 100.0 * sum(p.correct for p in predictions) / len(predictions)
 
 
+def plan_prompt_batches(
+    prompts: list[list[int]], batch_size: int, prefix: PrefixCache | None = None
+) -> list[tuple[list[int], bool]]:
+    """Row indices of each batch, longest first, and whether the batch uses the prefix.
+
+    Prompts the prefix covers are batched together; the others (e.g. truncated ones that
+    lost their beginning) form their own batches on the plain path.
+    """
+    covered = [prefix is not None and prefix.covers(p) for p in prompts]
+    plan = []
+    for cached in (True, False):
+        group = [i for i in range(len(prompts)) if covered[i] == cached]
+        order = sorted(group, key=lambda i: len(prompts[i]), reverse=True)
+        plan += [(order[s : s + batch_size], cached) for s in range(0, len(order), batch_size)]
+    return plan
+
+
 def _prompt_batches(
-    model: PreTrainedModel, encoder: Encoder, examples: list[Example], batch_size: int, desc: str
-) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
-    """Left-padded prompt batches, longest first (little padding), with their row indices."""
+    model: PreTrainedModel,
+    encoder: Encoder,
+    examples: list[Example],
+    batch_size: int,
+    desc: str,
+    prefix_cache: bool = True,
+) -> Iterator[tuple[list[int], dict[str, torch.Tensor], Cache | None]]:
+    """Left-padded prompt batches, longest first (little padding), with their row indices.
+
+    Where the task's shared prefix is cached, a batch is ``[prefix | padding | own tokens]``
+    and comes with a fresh copy of the prefix cache (else None).
+    """
     prompts = [encoder.prompt_ids(ex.prompt) for ex in examples]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+    prefix = build_prefix_cache(model, prompts, encoder.max_source_length) if prefix_cache else None
     device = next(model.parameters()).device
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, unit="batch"):
-        chunk = order[start : start + batch_size]
-        batch = encoder.collate_prompts([prompts[i] for i in chunk])
-        yield chunk, {k: v.to(device) for k, v in batch.items()}
+    plan = plan_prompt_batches(prompts, batch_size, prefix)
+    for chunk, cached in tqdm(plan, desc=desc, leave=False, unit="batch"):
+        if cached:
+            assert prefix is not None
+            skip = len(prefix)
+            batch = prefix.prepend(encoder.collate_prompts([prompts[i][skip:] for i in chunk]))
+            cache = prefix.for_rows(len(chunk))
+        else:
+            batch, cache = encoder.collate_prompts([prompts[i] for i in chunk]), None
+        yield chunk, {k: v.to(device) for k, v in batch.items()}, cache
 
 
 @torch.no_grad()
@@ -62,14 +100,19 @@ def generate_answers(
     labels: list[str],
     batch_size: int = 32,
     desc: str = "eval",
+    prefix_cache: bool = True,
 ) -> list[Prediction]:
     was_training = model.training
     model.eval()
     max_new_tokens = max(len(encoder.label_ids(label)) for label in labels) + 1
     texts: dict[int, str] = {}
-    for chunk, batch in _prompt_batches(model, encoder, examples, batch_size, desc):
+    for chunk, batch, cache in _prompt_batches(
+        model, encoder, examples, batch_size, desc, prefix_cache
+    ):
+        extra = {} if cache is None else {"past_key_values": cache}
         out = model.generate(
             **batch,
+            **extra,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             num_beams=1,
@@ -95,12 +138,16 @@ def predict(
     batch_size: int = 64,
     mode: str = "generate",
     desc: str = "eval",
+    prefix_cache: bool = True,
 ) -> list[Prediction]:
-    """Predictions by greedy generation (``generate``) or by label likelihood (``rank``)."""
+    """Predictions by greedy generation (``generate``) or by label likelihood (``rank``).
+
+    ``prefix_cache``: run the prompts' shared prefix once (causal models; same predictions).
+    """
     if mode == "generate":
-        return generate_answers(model, encoder, examples, labels, batch_size, desc)
+        return generate_answers(model, encoder, examples, labels, batch_size, desc, prefix_cache)
     if mode == "rank":
-        return rank_answers(model, encoder, examples, labels, batch_size, desc)
+        return rank_answers(model, encoder, examples, labels, batch_size, desc, prefix_cache)
     raise ValueError(f"eval mode must be one of {EVAL_MODES}, got {mode!r}")
 
 
@@ -112,6 +159,7 @@ def rank_answers(
     labels: list[str],
     batch_size: int = 64,
     desc: str = "rank",
+    prefix_cache: bool = True,
 ) -> list[Prediction]:
     """The label with the highest total log-likelihood of its tokens + EOS, per prompt."""
     was_training = model.training
@@ -119,8 +167,10 @@ def rank_answers(
     targets = [encoder.label_ids(label) + [encoder.eos_id] for label in labels]
     score = _seq2seq_scores if encoder.is_seq2seq else _causal_scores
     best: dict[int, int] = {}
-    for chunk, batch in _prompt_batches(model, encoder, examples, batch_size, desc):
-        scores = score(model, batch, targets)  # (rows, labels)
+    for chunk, batch, cache in _prompt_batches(
+        model, encoder, examples, batch_size, desc, prefix_cache
+    ):
+        scores = score(model, batch, targets, cache)  # (rows, labels)
         best.update(zip(chunk, scores.argmax(dim=1).tolist(), strict=True))
     model.train(was_training)
     return [Prediction(i, labels[best[i]], ex.label) for i, ex in enumerate(examples)]
@@ -132,14 +182,20 @@ def _accepts(model: torch.nn.Module, name: str) -> bool:
 
 
 def _causal_scores(
-    model: PreTrainedModel, batch: dict[str, torch.Tensor], targets: list[list[int]]
+    model: PreTrainedModel,
+    batch: dict[str, torch.Tensor],
+    targets: list[list[int]],
+    cache: Cache | None = None,
 ) -> torch.Tensor:
     mask = batch["attention_mask"]  # left-padded: every prompt ends at the last column
     rows = mask.shape[0]
     extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    # With a prefix cache its columns are computed already: run only the columns after it.
+    done = 0 if cache is None else cache.get_seq_length()
     out = model(
-        input_ids=batch["input_ids"], attention_mask=mask,
-        position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, **extra,
+        input_ids=batch["input_ids"][:, done:], attention_mask=mask,
+        position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, done:], use_cache=True,
+        past_key_values=cache, **extra,
     )
     cache, first = out.past_key_values, F.log_softmax(out.logits[:, -1].float(), dim=-1)
     lengths = mask.sum(-1, keepdim=True)
@@ -165,7 +221,10 @@ def _causal_scores(
 
 
 def _seq2seq_scores(
-    model: PreTrainedModel, batch: dict[str, torch.Tensor], targets: list[list[int]]
+    model: PreTrainedModel,
+    batch: dict[str, torch.Tensor],
+    targets: list[list[int]],
+    cache: Cache | None = None,  # always None: no prefix cache for a bidirectional encoder
 ) -> torch.Tensor:
     encoder_outputs = model.get_encoder()(**batch)  # the prompt is read once for all labels
     rows = batch["input_ids"].shape[0]
@@ -189,8 +248,10 @@ def evaluate_task(
     task: Task,
     batch_size: int = 64,
     mode: str = "generate",
+    prefix_cache: bool = True,
 ) -> tuple[float, list[Prediction]]:
     predictions = predict(
-        model, encoder, task.test, task.labels, batch_size, mode, desc=f"eval {task.dataset}"
+        model, encoder, task.test, task.labels, batch_size, mode, desc=f"eval {task.dataset}",
+        prefix_cache=prefix_cache,
     )
     return accuracy(predictions), predictions

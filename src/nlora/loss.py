@@ -15,8 +15,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from nlora.batching import IGNORE_INDEX
+from nlora.prefix import MIN_PREFIX_TOKENS
 
 
 @dataclass
@@ -57,22 +59,87 @@ def supports_answer_head(model: torch.nn.Module) -> bool:
     return _causal_parts(model) is not None
 
 
+def batch_prefix_length(batch: dict[str, torch.Tensor]) -> int:
+    """Leading columns on which every row has the same prompt token.
+
+    Each row keeps at least its last prompt token after them, so every position that
+    predicts an answer token lies after the prefix.
+    """
+    ids, labels = batch["input_ids"], batch["labels"]
+    answers = labels != IGNORE_INDEX
+    if ids.shape[0] < 2 or not bool(answers.any(dim=1).all()):
+        return 0
+    limit = int(answers.int().argmax(dim=1).min()) - 1  # shortest prompt, minus one token
+    if limit <= 0:
+        return 0
+    differs = (ids[:, :limit] != ids[:1, :limit]).any(dim=0)
+    return int(differs.int().argmax()) if bool(differs.any()) else limit
+
+
+def _hidden_after_shared_prefix(
+    decoder: torch.nn.Module, batch: dict[str, torch.Tensor], prefix: int
+) -> torch.Tensor | None:
+    """Hidden states of the columns after a prefix all rows share, the prefix run once.
+
+    The prefix runs for one row; its keys and values are expanded (views) to every row, so
+    autograd sums each row's gradient into that one pass: the same gradients as running it
+    per row. None where the decoder's cache is not a plain one (then run the plain path).
+    """
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    rows, width = ids.shape
+    positions = torch.arange(width, device=ids.device)[None]
+    first = decoder(
+        input_ids=ids[:1, :prefix], attention_mask=mask[:1, :prefix],
+        position_ids=positions[:, :prefix], use_cache=True,
+    )
+    cache = first.past_key_values
+    if not isinstance(cache, DynamicCache) or any(
+        type(layer) is not DynamicLayer for layer in cache.layers
+    ):
+        return None
+    for layer in cache.layers:
+        layer.keys = layer.keys.expand(rows, -1, -1, -1)
+        layer.values = layer.values.expand(rows, -1, -1, -1)
+    return decoder(
+        input_ids=ids[:, prefix:], attention_mask=mask,
+        position_ids=positions[:, prefix:].expand(rows, -1), past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state
+
+
 def answer_head_forward(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], shared_prefix: bool = False
 ) -> AnswerOutputs:
-    """Causal-LM loss with the LM head applied only at the positions that predict labels."""
+    """Causal-LM loss with the LM head applied only at the positions that predict labels.
+
+    ``shared_prefix``: run the prompt tokens that all rows share (at least
+    ``MIN_PREFIX_TOKENS``) once for the batch instead of once per row; same loss and
+    gradients without dropout. Not with gradient checkpointing (recomputation would replay
+    the cache).
+    """
     parts = _causal_parts(model)
     if parts is None:
         raise TypeError(f"{type(model).__name__} is not a causal LM with an lm_head")
     decoder, head = parts
     config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
-    hidden = decoder(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).last_hidden_state
-    # Position t predicts token t+1 (the shift a plain forward does inside its loss).
+    prefix = 0
+    checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in decoder.modules())
+    if shared_prefix and not checkpointing:
+        prefix = batch_prefix_length(batch)
+    hidden = None
+    if prefix >= MIN_PREFIX_TOKENS:
+        hidden = _hidden_after_shared_prefix(decoder, batch, prefix)
+    if hidden is None:
+        prefix = 0
+        hidden = decoder(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            use_cache=False,
+        ).last_hidden_state
+    # Position t predicts token t+1 (the shift a plain forward does inside its loss); the
+    # hidden states start at column ``prefix``, and no prefix column predicts an answer.
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE_INDEX
-    logits = head(hidden[:, :-1][mask])
+    logits = head(hidden[:, :-1][mask[:, prefix:]])
     cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3 squash their logits
     if cap:
         logits = torch.tanh(logits / cap) * cap

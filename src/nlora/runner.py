@@ -97,6 +97,7 @@ def evaluate_tasks(
     accelerator: Accelerator,
     batch_size: int,
     mode: str = "generate",
+    prefix_cache: bool = True,
 ) -> dict[int, list[Prediction]]:
     """Predictions for each task in ``indices``; examples are split across processes."""
     results = {}
@@ -107,7 +108,7 @@ def evaluate_tasks(
         with accelerator.split_between_processes(positions) as mine:
             preds = predict(
                 eval_model, encoder, [task.test[k] for k in mine], task.labels, batch_size,
-                mode, desc=f"eval {task.dataset}",
+                mode, desc=f"eval {task.dataset}", prefix_cache=prefix_cache,
             )
             preds = [Prediction(mine[p.index], p.prediction, p.label) for p in preds]
         preds = sorted(gather_object(preds), key=lambda p: p.index)
@@ -219,7 +220,7 @@ def _run(
         start = time.perf_counter()
         predictions = evaluate_tasks(
             model, method, encoder, tasks, seen, accelerator, config.eval_batch_size,
-            config.eval_mode,
+            config.eval_mode, config.prefix_cache,
         )
         eval_seconds = time.perf_counter() - start
         if accelerator.is_main_process:
