@@ -127,6 +127,19 @@ def test_no_prefix_cache_where_it_would_not_be_exact(tokenizer, data_dir):
         num_attention_heads=4, num_key_value_heads=2, sliding_window=16,
     )).eval()
     assert build_prefix_cache(sliding, prompts, MAX_SOURCE) is None
+    # a wrapper that may put something before the tokens (soft prompts): plain path
+    class Wrapper(torch.nn.Module):
+        def __init__(self, backbone):
+            super().__init__()
+            self.backbone, self.config = backbone, backbone.config
+
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None,
+                    past_key_values=None, **kwargs):
+            return self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                                 position_ids=position_ids, past_key_values=past_key_values,
+                                 **kwargs)
+
+    assert not supports_prefix_cache(Wrapper(tiny_llama(tokenizer)))
     # too short a shared prefix is not worth a pass; one prompt has nothing to share
     llama = tiny_llama(tokenizer).eval()
     short = [[5, 6, 7, 20 + i, 30, 31, 32, 33, 34, 35, 36] for i in range(4)]

@@ -15,7 +15,8 @@ each row's own tokens). Every real token thus sees the same keys at the same pos
 the plain ``[padding | prompt]`` layout, and ``generate`` derives those positions itself.
 
 Not for seq2seq models (their encoder is bidirectional: each prefix state depends on the
-whole prompt), for PEFT prompt learning (virtual tokens come first), or for caches other
+whole prompt), for PEFT prompt learning or any other wrapper (soft prompts come first,
+possibly chosen from the whole input), or for caches other
 than plain ``DynamicLayer`` ones (a sliding window counts cache columns, which the padding
 between prefix and own tokens would shift): those keep the plain path.
 """
@@ -28,6 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from peft import PeftModel
+from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 # Below this many shared tokens the extra pass and the cache copies are not worth it.
@@ -64,14 +67,20 @@ def _inner(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def supports_prefix_cache(model: torch.nn.Module) -> bool:
-    """Whether a prefix cache gives this model exactly the plain path's states."""
-    config = getattr(model, "config", None)
-    if config is None or getattr(config, "is_encoder_decoder", False):
+    """Whether a prefix cache gives this model exactly the plain path's states.
+
+    Only a transformers causal LM, bare or inside a PEFT model that does not add virtual
+    tokens: a wrapper that puts anything before the tokens (soft prompts, chosen per input
+    or per task) would see a different input when its prefix runs alone.
+    """
+    inner = model
+    if isinstance(model, PeftModel):
+        if model.active_peft_config.is_prompt_learning:
+            return False
+        inner = model.get_base_model()
+    if not isinstance(inner, PreTrainedModel) or inner.config.is_encoder_decoder:
         return False
-    peft_config = getattr(model, "active_peft_config", None)
-    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
-        return False
-    accepted = inspect.signature(_inner(model).forward).parameters
+    accepted = inspect.signature(inner.forward).parameters
     return "position_ids" in accepted and "past_key_values" in accepted
 
 
