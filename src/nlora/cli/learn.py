@@ -39,7 +39,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, with_method: bool = True)
     what = parser.add_argument_group("what to learn")
     what.add_argument("--model", help=f"HF model id or local folder (seq2seq or causal); "
                       f"default: {D.model}")
-    what.add_argument("--data", dest="data_dir", metavar="DIR", help="CL_Benchmark folder (default: $NLORA_DATA)")
+    what.add_argument("--data", dest="data_dir", metavar="DIR",
+                      help="CL_Benchmark folder (default: $NLORA_DATA)")
     what.add_argument("--order", help=f"paper task order: {', '.join(ORDERS)}")
     what.add_argument("--tasks", type=_names, help="custom order, e.g. agnews,SC/yelp,MNLI")
     what.add_argument("--substitute", action="append",
