@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from nlora.config import DEFAULT_L1_LAMBDA, L1_PLACEMENTS, RunConfig
+from nlora.config import DEFAULT_L1_LAMBDA, L1_PLACEMENTS, PRECISIONS, TRUNCATIONS, RunConfig
 from nlora.errors import ConfigError
 from nlora.orders import ORDERS
 from nlora.presets import EXTRA_OPTIONS, FIELDS, make_config
@@ -90,6 +90,17 @@ def add_run_arguments(parser: argparse.ArgumentParser, with_method: bool = True)
     opt.add_argument("--seed", type=int, help=f"random seed (default {D.seed})")
     opt.add_argument("--group-by-length", action=argparse.BooleanOptionalAction,
                      help="training batches of similar length, still shuffled (default: on)")
+    opt.add_argument("--grad-accum", type=int,
+                     help="micro-batches per optimiser step; --batch-size stays the global batch "
+                     f"(default {D.grad_accum})")
+    opt.add_argument("--max-grad-norm", type=float,
+                     help=f"clip the gradient norm (default {D.max_grad_norm}; 0: off)")
+    opt.add_argument("--precision", choices=PRECISIONS,
+                     help=f"training precision through Accelerate (default {D.precision})")
+    opt.add_argument("--truncation", choices=TRUNCATIONS,
+                     help="over-long prompts: shorten the example text and keep the header, "
+                     "instruction, options and Answer: (text, default), keep the first tokens "
+                     "(head, as the released code) or the last (tail)")
     ev = parser.add_argument_group("data and evaluation")
     ev.add_argument("--train-per-task", type=int, help="stratified training subsample per task")
     ev.add_argument("--test-per-task", type=int, help="stratified test subsample per task")
