@@ -1,4 +1,5 @@
-"""Metrics of nlora.analysis on hand-made matrices, and the paper's theorems as property tests.
+"""Parameter-space metrics (nlora.param_metrics) on hand-made matrices, and the paper's
+theorems as property tests.
 
 Hand-computed values are worked out in the comments. Matrices in PEFT orientation (out, in)
 unless a test says it uses the paper's orientation.
@@ -13,7 +14,8 @@ import torch
 from hypothesis import HealthCheck, assume, find, given, settings
 from hypothesis import strategies as st
 
-from nlora.analysis import (
+from nlora.metrics import forgetting, forward_transfer, unseen_generalisation
+from nlora.param_metrics import (
     LoraUpdate,
     average_collision_rate,
     awom,
@@ -23,8 +25,6 @@ from nlora.analysis import (
     collision_counts_over_thresholds,
     collision_rate,
     density,
-    forgetting,
-    forward_transfer,
     gsr,
     gsr_eq17,
     layer_index,
@@ -36,7 +36,6 @@ from nlora.analysis import (
     singular_values,
     singular_values_lowrank,
     subspace_use,
-    unseen_generalisation,
 )
 
 T = torch.tensor

@@ -94,7 +94,8 @@ def test_a_run_folder_of_another_config_is_refused(tiny_llama_dir, data_dir, tmp
 
 
 def _config_yaml(model_dir, data_dir, tmp_path):
-    from nlora.cli import build_parser, config_from_args
+    from nlora.cli import build_parser
+    from nlora.cli.learn import config_from_args
 
     args = build_parser().parse_args(
         ["run", "--model", str(model_dir), "--data", str(data_dir), "--tasks",
@@ -112,7 +113,8 @@ def test_an_order_with_missing_data_fails_up_front(data_dir, tmp_path, capsys):
 
 
 def test_order_substitution_resolves_the_paper_settings(data_dir, tmp_path):
-    from nlora.cli import build_parser, config_from_args
+    from nlora.cli import build_parser
+    from nlora.cli.learn import config_from_args
 
     args = build_parser().parse_args(["run", "--data", str(data_dir), "--order", "order4",
                                       "--substitute", "wic=SST-2,copa=rte", "--out", "x"])

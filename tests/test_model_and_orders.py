@@ -7,10 +7,12 @@ import importlib.util
 import pytest
 
 from nlora import model as model_module
-from nlora.cli import build_parser, config_from_args
+from nlora.cli import build_parser
+from nlora.cli.learn import config_from_args
 from nlora.config import DEFAULT_L1_LAMBDA
 from nlora.errors import ConfigError, ModelError
 from nlora.orders import get_order
+from nlora.presets import default_l1_lambda
 
 
 def test_missing_gguf_package_says_what_to_install(monkeypatch, tmp_path):
@@ -40,11 +42,11 @@ def test_order4_keeps_its_per_task_lambda_pattern(data_dir):
     args = build_parser().parse_args(["run", "--data", str(data_dir), "--order", "order4",
                                       "--substitute", subs, "--out", "x"])
     with pytest.raises(ConfigError, match="appears twice"):
-        config_from_args(args).validate()  # rte, boolqa, yelp and sst-2 are in order 4 already
-    args = build_parser().parse_args(["run", "--data", str(data_dir), "--order", "order4",
-                                      "--substitute", subs, "--out", "x", "--l1-on", "reference"])
-    config = config_from_args(args)
-    assert config.l1_lambda[:3] == [0.4, 0.4, 1.2]  # the paper's own values for its own form
+        config_from_args(args)  # rte, boolqa, yelp and sst-2 are in order 4 already
+    lam = default_l1_lambda(order, "reference")
+    assert lam[:3] == [0.4, 0.4, 1.2]  # the paper's own values for its own form
+    assert default_l1_lambda(order, "deltaw")[:3] == pytest.approx(
+        [DEFAULT_L1_LAMBDA, DEFAULT_L1_LAMBDA, 3 * DEFAULT_L1_LAMBDA])
     args = build_parser().parse_args(["run", "--data", str(data_dir), "--order", "order5",
                                       "--substitute", "wic=sst-2,copa=cb", "--out", "x"])
     with pytest.raises(Exception, match="MultiRC"):
@@ -69,4 +71,4 @@ def test_per_task_lists_must_match_the_task_count(data_dir):
     args = build_parser().parse_args(["run", "--data", str(data_dir), "--tasks", "cb,rte",
                                       "--lr", "1e-3,1e-4,1e-5", "--out", "x"])
     with pytest.raises(ConfigError, match="--lr lists 3 values for 2 tasks"):
-        config_from_args(args).validate()
+        config_from_args(args)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -16,8 +15,9 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from nlora.analysis import analyse_run, load_task_updates
-from nlora.report import add_report_arguments, run_report
+from nlora.analysis import analyse_run
+from nlora.cli import main
+from nlora.rundir import load_task_updates
 
 # PEFT calls a transformers method deprecated in v5
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
@@ -128,17 +128,11 @@ def test_analyse_run(runs: dict) -> None:
     assert json.loads(json.dumps(dense, allow_nan=False))  # NaN-free, strict JSON
 
 
-def report_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="nlora report")
-    add_report_arguments(parser)
-    return parser.parse_args(argv)
-
-
 def test_report_writes_every_figure_and_table(runs: dict, tmp_path: Path) -> None:
     out = Path(os.environ.get("NLORA_REPORT_KEEP", tmp_path / "report"))  # to view the PNGs
     argv = [str(runs[k]) for k in ("olora", "nlora", "seqft")]
     argv += ["--out", str(out), "--module", "layers.1.self_attn.v_proj", "--pair", "1", "3"]
-    assert run_report(report_args(argv)) == 0
+    assert main(["report", *argv]) == 0
     expected = ["report.md", "metrics.json", "gsr_vs_acr.png", "acr_curves.png",
                 "subspace_use.png", "unseen.png"]
     expected += [f"{run}_accuracy.png" for run in ("olora", "nlora", "seqft")]
@@ -162,10 +156,10 @@ def test_report_options_and_errors(runs: dict, tmp_path: Path) -> None:
     out = tmp_path / "abs"
     argv = [str(runs["nlora"]), "--out", str(out), "--threshold", "1e-3",
             "--threshold-mode", "absolute", "--awom-norm", "spectral", "--module", "nomatch"]
-    assert run_report(report_args(argv)) == 0
+    assert main(["report", *argv]) == 0
     data = json.loads((out / "metrics.json").read_text())[0]["parameter"]
     assert data["threshold"] == {"value": 1e-3, "mode": "absolute"}
     assert data["awom_norm"] == "spectral"
     assert not math.isnan(data["summary"]["AWOM"])
     assert "no module matches" in (out / "report.md").read_text()
-    assert run_report(report_args([str(tmp_path / "missing"), "--out", str(out)])) == 2
+    assert main(["report", str(tmp_path / "missing"), "--out", str(out)]) == 2

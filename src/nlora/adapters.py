@@ -1,18 +1,25 @@
-"""LoRA adapters through PEFT: add a fresh one, walk its factors, save, merge, reload."""
+"""LoRA adapters through PEFT: add a fresh one, walk its factors, save, merge, reload, and
+read a saved one back as factored updates for the parameter-space metrics."""
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from peft.tuners.lora import LoraLayer
+from safetensors import safe_open
 from transformers import PreTrainedModel
 
 from nlora.config import RunConfig
 from nlora.io import write_dir_atomic
+from nlora.param_metrics import LoraUpdate
 
 
 @dataclass
@@ -67,3 +74,39 @@ def merge(model: PeftModel) -> PreTrainedModel:
 
 def load_and_merge(model: PreTrainedModel, folder: Path) -> PreTrainedModel:
     return PeftModel.from_pretrained(model, folder).merge_and_unload()
+
+
+_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.[^.]+)?\.weight$"
+)
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    # PEFT matches rank_pattern/alpha_pattern keys as suffixes of the module name
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def read_lora_updates(adapter_dir: Path | str) -> dict[str, LoraUpdate]:
+    """A saved PEFT LoRA adapter as {module name: LoraUpdate}; safetensors only (never pickle)."""
+    adapter_dir = Path(adapter_dir)
+    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+            match = _KEY.match(key)
+            if match:
+                factors.setdefault(match["module"], {})[match["factor"]] = f.get_tensor(key)
+    updates = {}
+    for module, pair in factors.items():
+        if set(pair) != {"A", "B"}:
+            raise ValueError(f"{adapter_dir}: module {module} lacks lora_A or lora_B")
+        a, b = pair["A"].float(), pair["B"].float()
+        r = a.shape[0]  # the tensor's own rank already reflects any rank_pattern
+        alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module,
+                                     config.get("lora_alpha", r)))
+        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        updates[module] = LoraUpdate(A=a, B=b, scaling=scaling)
+    return updates

@@ -15,6 +15,9 @@ from nlora.errors import ConfigError
 # adapted modules). Chosen from the sweep recorded in docs/method.md.
 DEFAULT_L1_LAMBDA = 1e-4
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+TRUNCATIONS = ("text", "head", "tail")
+
 # Where the ℓ1 penalty goes (paper Fig. 6 ablations, plus the released code's r x r form).
 L1_PLACEMENTS = ("deltaw", "a", "b", "a+b", "reference")
 
@@ -57,6 +60,16 @@ class RunConfig:
     weight_decay: float = 0.0
     max_source_length: int = 512
     group_by_length: bool = True  # training batches of similar length (less padding)
+    # Training mechanics. batch_size is the global batch of one optimiser step, whatever the
+    # number of processes: each process runs batch_size / (grad_accum * processes) rows per
+    # forward pass and gradients accumulate over grad_accum of those (docs/reproduction.md).
+    grad_accum: int = 1
+    max_grad_norm: float | None = 1.0  # gradient-norm clipping as the released scripts; None: off
+    precision: str = "fp32"  # fp32 | bf16 | fp16, through Accelerate's mixed precision
+    # Over-long prompts: "text" shortens the example's own text so the header, instruction,
+    # options and "Answer:" stay; "head" keeps the first max_source_length tokens (as the
+    # released code); "tail" keeps the last ones.
+    truncation: str = "text"
     # data subsampling and evaluation
     train_per_task: int | None = None
     test_per_task: int | None = None
@@ -99,6 +112,14 @@ class RunConfig:
         for name in ("olora_lambda1", "olora_lambda2", "ewc_lambda", "lwf_alpha"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be non-negative")
+        if self.grad_accum < 1:
+            raise ConfigError(f"--grad-accum must be at least 1, got {self.grad_accum}")
+        if self.max_grad_norm is not None and not self.max_grad_norm >= 0:
+            raise ConfigError(f"--max-grad-norm must be >= 0 (0: off), got {self.max_grad_norm}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}")
+        if self.truncation not in TRUNCATIONS:
+            raise ConfigError(f"--truncation must be one of {', '.join(TRUNCATIONS)}")
         if self.eval_on not in ("seen", "all"):
             raise ConfigError(f"--eval-on must be 'seen' or 'all', got {self.eval_on!r}")
         if self.eval_mode not in ("generate", "rank"):

@@ -23,7 +23,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from nlora.analysis import ThresholdMode, nonzero_mask  # noqa: E402
+from nlora.param_metrics import ThresholdMode, nonzero_mask  # noqa: E402
 
 # Fig. 2's palette: gray near zero, green task i, blue task j, red collisions
 COLLISION_COLOURS = ["#d9d9d9", "#2ca02c", "#1f77b4", "#d62728"]

@@ -7,7 +7,10 @@ Indices below are 0-based; the paper's are 1-based.
 
 from __future__ import annotations
 
-Matrix = list[list[float | None]]
+from collections.abc import Sequence
+from typing import Any
+
+Matrix = Sequence[Sequence[float | None]]
 
 
 def _value(matrix: Matrix, task: int, step: int) -> float:
@@ -51,6 +54,34 @@ def backward_transfer(matrix: Matrix) -> float | None:
     if last == 0 or _is_joint(matrix):
         return None
     return sum(_value(matrix, t, last) - _value(matrix, t, t) for t in range(last)) / last
+
+
+def forward_transfer(matrix: Matrix, zero_shot: Sequence[float | None]) -> float | None:
+    """FWT (Lopez-Paz & Ranzato 2017): mean over i ≥ 2 of a[i][i-1] − b_i (1-based tasks).
+
+    a[i][i-1] is the accuracy on task i just *before* it is trained; b_i the zero-shot accuracy
+    of the untrained model. None when either was not measured (runs that evaluate only seen
+    tasks have no a[i][i-1]).
+    """
+    t = len(matrix)
+    if t < 2 or len(zero_shot) < t:
+        return None
+    gains = []
+    for i in range(1, t):
+        before, base = matrix[i][i - 1], zero_shot[i]
+        if before is None or base is None:
+            return None
+        gains.append(before - base)
+    return sum(gains) / len(gains)
+
+
+def unseen_generalisation(unseen: dict[str, Sequence[float | None]]) -> dict[str, Any]:
+    """Fig. 4: accuracy on tasks never trained on; "final" is after the last trained task."""
+    out = {}
+    for task, curve in unseen.items():
+        measured = [v for v in curve if v is not None]
+        out[task] = {"final": measured[-1] if measured else None, "curve": list(curve)}
+    return out
 
 
 def summarize(matrix: Matrix) -> dict[str, float | None]:

@@ -1,47 +1,41 @@
-"""``nlora report RUN_DIR [RUN_DIR ...] --out report/``: Markdown report with figures.
+"""A Markdown report with figures on one or more run folders (``nlora report``).
 
-Writes ``report.md``, PNG figures and ``metrics.json`` (every metric per run, module, task and
-pair) into ``--out``. Several runs in one report are compared side by side.
+``write_report(runs, out)`` writes ``report.md``, PNG figures and ``metrics.json`` (every metric
+per run, module, task and pair) into ``out``. Several runs in one report are compared side by
+side.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
-import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from nlora import figures
-from nlora.analysis import (
+from nlora.analysis import analyse_run
+from nlora.errors import ConfigError
+from nlora.param_metrics import (
     DEFAULT_AWOM_NORM,
     DEFAULT_MODE,
     DEFAULT_THRESHOLD,
-    analyse_run,
-    load_task_updates,
+    MatrixNorm,
+    ThresholdMode,
 )
+from nlora.rundir import load_task_updates
 
 
-def add_report_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="+", type=Path, help="run directories to report on")
-    parser.add_argument("--out", type=Path, default=Path("report"), help="output folder")
-    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                        help="an entry of ΔW is non-zero if |x| > threshold "
-                             f"(× max|ΔW| in relative mode; default {DEFAULT_THRESHOLD:g})")
-    parser.add_argument("--threshold-mode", choices=["relative", "absolute"],
-                        default=DEFAULT_MODE, help=f"default {DEFAULT_MODE}")
-    parser.add_argument("--awom-norm", choices=["fro", "spectral"], default=DEFAULT_AWOM_NORM,
-                        help="matrix norm in AWOM (eq. 8); default Frobenius")
-    parser.add_argument("--module", default=None,
-                        help="module for the collision map (regex searched in module names; "
-                             "default: the first adapted module)")
-    parser.add_argument("--pair", type=int, nargs=2, default=(1, 2), metavar=("I", "J"),
-                        help="tasks (1-based) compared in the collision map; default 1 2")
-    parser.add_argument("--subspace-task", type=int, default=1,
-                        help="task (1-based) whose subspace use per layer is plotted (Fig. 3)")
-    parser.add_argument("--crop", type=int, default=96,
-                        help="collision maps show the top-left CROP×CROP block (0: all)")
+@dataclass
+class ReportOptions:
+    threshold: float = DEFAULT_THRESHOLD  # |x| > threshold (x max|ΔW| when relative): non-zero
+    threshold_mode: ThresholdMode = DEFAULT_MODE
+    awom_norm: MatrixNorm = DEFAULT_AWOM_NORM
+    module: str | None = None  # collision map's module (regex); None: the first adapted one
+    pair: tuple[int, int] = (1, 2)  # tasks (1-based) compared in the collision map
+    subspace_task: int = 1  # task (1-based) whose subspace use per layer is plotted
+    crop: int = 96  # collision maps show the top-left crop x crop block (0: all)
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -113,29 +107,33 @@ def _square_table(m: list[list[Any]], tasks: list[str]) -> str:
     return _table(header, rows)
 
 
-def run_report(args: argparse.Namespace) -> int:
-    missing = [str(p) for p in args.runs if not p.is_dir()]
+def write_report(
+    runs: Sequence[Path | str], out: Path | str, options: ReportOptions | None = None
+) -> Path:
+    """Analyse ``runs`` and write the report into the folder ``out``; return report.md's path."""
+    opts = options or ReportOptions()
+    runs = [Path(p) for p in runs]
+    missing = [str(p) for p in runs if not p.is_dir()]
     if missing:
-        print(f"nlora report: not a run directory: {', '.join(missing)}", file=sys.stderr)
-        return 2
-    out: Path = args.out
+        raise ConfigError(f"not a run directory: {', '.join(missing)}")
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    names = _unique_names(list(args.runs))
+    names = _unique_names(runs)
     results = []
-    for path, name in zip(args.runs, names, strict=True):
-        r = analyse_run(path, threshold=args.threshold, mode=args.threshold_mode,
-                        awom_norm=args.awom_norm)
+    for path, name in zip(runs, names, strict=True):
+        r = analyse_run(path, threshold=opts.threshold, mode=opts.threshold_mode,
+                        awom_norm=opts.awom_norm)
         r["name"] = name
         results.append(r)
     analysed = [r for r in results if r["parameter"]]
 
     md = [f"# nlora report: {', '.join(names)}", ""]
-    thr = f"{args.threshold:g}" + (" × max|ΔW| per matrix" if args.threshold_mode == "relative"
+    thr = f"{opts.threshold:g}" + (" × max|ΔW| per matrix" if opts.threshold_mode == "relative"
                                     else " (absolute)")
     md += [
         "Definitions, with the paper's equation numbers and the choices where it is ambiguous, "
         "are in `docs/metrics.md`. Settings: an entry of ΔW counts as non-zero when "
-        f"|x| > {thr}; AWOM uses the {'Frobenius' if args.awom_norm == 'fro' else 'spectral'} "
+        f"|x| > {thr}; AWOM uses the {'Frobenius' if opts.awom_norm == 'fro' else 'spectral'} "
         "norm. OO and AWOM are the last task against all earlier ones, summed over modules; "
         "GSR is each task's whole adapter taken as one vector, averaged over tasks (lower = "
         "sparser); subspace use is ‖ΔW‖\\*/‖ΔW‖₂ ≤ r, averaged over modules and tasks, with "
@@ -158,9 +156,9 @@ def run_report(args: argparse.Namespace) -> int:
                "![GSR vs ACR](gsr_vs_acr.png)", ""]
         figures.acr_curves(analysed, out / "acr_curves.png")
         md += ["### ACR against the non-zero threshold", "", "![ACR curves](acr_curves.png)", ""]
-        task = args.subspace_task - 1
+        task = opts.subspace_task - 1
         figures.subspace_use_per_layer(analysed, out / "subspace_use.png", task=task)
-        md += [f"### Subspace use per layer, task {args.subspace_task} (Fig. 3)", "",
+        md += [f"### Subspace use per layer, task {opts.subspace_task} (Fig. 3)", "",
                "![subspace use](subspace_use.png)", ""]
     if any(r["unseen"] for r in results):
         figures.unseen_tasks(results, out / "unseen.png")
@@ -178,7 +176,7 @@ def run_report(args: argparse.Namespace) -> int:
         p = r["parameter"]
         if not p:
             continue
-        md += _collision_section(r, args, out, slug)
+        md += _collision_section(r, opts, out, slug)
         pt = p["per_task"]
         rows = [[f"{k + 1}. {r['tasks'][k] if k < len(r['tasks']) else ''}",
                  pt["gsr"][k], pt["density"][k], pt["subspace_use"][k], pt["nuclear_norm"][k],
@@ -194,34 +192,34 @@ def run_report(args: argparse.Namespace) -> int:
                 md += [f"{title}:", "", _square_table(p["pairs"][key], r["tasks"]), ""]
         md += [f"Per-module values are in `metrics.json` ({len(p['modules'])} modules).", ""]
 
-    (out / "metrics.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
-    (out / "report.md").write_text("\n".join(md))
-    print(f"nlora report: wrote {out / 'report.md'}")
-    return 0
+    metrics = json.dumps(results, indent=1, ensure_ascii=False)
+    (out / "metrics.json").write_text(metrics, encoding="utf-8")
+    (out / "report.md").write_text("\n".join(md), encoding="utf-8")
+    return out / "report.md"
 
 
 def _collision_section(
-    r: dict[str, Any], args: argparse.Namespace, out: Path, slug: str
+    r: dict[str, Any], opts: ReportOptions, out: Path, slug: str
 ) -> list[str]:
     p = r["parameter"]
-    i, j = (k - 1 for k in args.pair)
+    i, j = (k - 1 for k in opts.pair)
     t = len(p["per_task"]["gsr"])
     if t < 2:
         return []
     if not (0 <= i < t and 0 <= j < t and i != j):
-        return [f"- collision map skipped: --pair {args.pair[0]} {args.pair[1]} is not a pair of "
+        return [f"- collision map skipped: --pair {opts.pair[0]} {opts.pair[1]} is not a pair of "
                 f"the {t} tasks with adapters", ""]
-    module = _pick_module(p["modules"], args.module)
+    module = _pick_module(p["modules"], opts.module)
     if module is None:
-        return [f"- collision map skipped: no module matches {args.module!r}", ""]
+        return [f"- collision map skipped: no module matches {opts.module!r}", ""]
     updates = load_task_updates(r["dir"])
     dw_i, dw_j = updates[i][module].delta(), updates[j][module].delta()
     labels = (f"task {i + 1} ({r['tasks'][i].split('/')[-1]})",
               f"task {j + 1} ({r['tasks'][j].split('/')[-1]})")
     name = f"{slug}_collision.png"
-    figures.collision_map(dw_i, dw_j, out / name, args.threshold, args.threshold_mode,
+    figures.collision_map(dw_i, dw_j, out / name, opts.threshold, opts.threshold_mode,
                           labels=labels, title=f"{r['name']}: {module}",
-                          crop=args.crop or None)
+                          crop=opts.crop or None)
     cr = p["per_module"][module]["cr"][i][j]
     return [f"Collision map (Fig. 2), `{module}`, CR = {_fmt(cr)}:", "",
             f"![collision map]({name})", ""]

@@ -1,13 +1,5 @@
-"""The continual loop: learn tasks one after another, evaluate after each, keep a run folder.
-
-Run folder::
-
-    RUN/config.yaml            resolved settings (a different config is refused on resume)
-    RUN/run.log                log of every run and resume
-    RUN/metrics.json           accuracy matrix + AA / F.Ra / BWT, rewritten after each task
-    RUN/tasks/NN-dataset/      one per finished task: adapter/ (PEFT) or the method's own
-                               files, predictions.jsonl, done.json (written last: marks
-                               the task finished); a joint method (mtl) has one 01-joint/
+"""The continual loop: learn tasks one after another, evaluate after each, keep a run folder
+(its layout: ``nlora.rundir``).
 
 Rerunning the same command resumes after the last finished task. Every task seeds its own
 randomness from (seed, task index), so a resumed run ends exactly where an uninterrupted
@@ -29,37 +21,15 @@ from accelerate.utils import gather_object, set_seed
 from nlora.batching import Encoder
 from nlora.config import RunConfig
 from nlora.data import Task, load_task
-from nlora.errors import ConfigError
 from nlora.evaluate import Prediction, accuracy, predict
 from nlora.io import write_json_atomic, write_text_atomic
 from nlora.methods import get_method
-from nlora.metrics import summarize
 from nlora.model import load_backbone
+from nlora.rundir import collect_metrics, finished_tasks, prepare_run_dir, step_folders
 from nlora.tables import format_results
 from nlora.train import train_task
 
 log = logging.getLogger("nlora")
-
-
-def task_folder(out_dir: Path, index: int, task: Task) -> Path:
-    return out_dir / "tasks" / f"{index + 1:02d}-{task.dataset}"
-
-
-def prepare_run_dir(config: RunConfig, out_dir: Path) -> None:
-    """Create ``out_dir`` with config.yaml, or check that it was made by the same config."""
-    saved = out_dir / "config.yaml"
-    if saved.is_file():
-        previous = RunConfig.from_yaml(saved)
-        changed = previous.differences(config)
-        if changed:
-            raise ConfigError(
-                f"{out_dir} holds a run with a different config ({', '.join(changed)} differ); "
-                "use another --out or the same options to resume"
-            )
-        return
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ConfigError(f"{out_dir} is not empty and holds no nlora run; choose another --out")
-    write_text_atomic(saved, config.to_yaml())
 
 
 def _attach_log_file(out_dir: Path) -> logging.Handler:
@@ -114,43 +84,6 @@ def evaluate_tasks(
         preds = sorted(gather_object(preds), key=lambda p: p.index)
         results[i] = preds
     return results
-
-
-def step_folders(out_dir: Path, tasks: list[Task], joint: bool = False) -> list[Path]:
-    """One folder per training step: one per task, or a single one for joint training."""
-    if joint:
-        return [out_dir / "tasks" / "01-joint"]
-    return [task_folder(out_dir, j, task) for j, task in enumerate(tasks)]
-
-
-def collect_metrics(
-    out_dir: Path, tasks: list[Task], joint: bool = False, eval_mode: str = "generate"
-) -> dict[str, Any]:
-    """metrics.json content from the done.json of every finished step (joint: one column)."""
-    names = [t.name for t in tasks]
-    folders = step_folders(out_dir, tasks, joint)
-    matrix: list[list[float | None]] = [[None] * len(folders) for _ in tasks]
-    finished = finished_tasks(out_dir, tasks, joint)
-    for j, folder in enumerate(folders[:finished]):
-        record = json.loads((folder / "done.json").read_text(encoding="utf-8"))
-        for name, acc in record["accuracy"].items():
-            matrix[names.index(name)][j] = acc
-    metrics: dict[str, Any] = {
-        "tasks": names, "finished": finished, "eval_mode": eval_mode, "accuracy": matrix
-    }
-    if finished == len(folders):
-        metrics["summary"] = summarize(matrix)
-    return metrics
-
-
-def finished_tasks(out_dir: Path, tasks: list[Task], joint: bool = False) -> int:
-    """How many steps, from the first, have their done.json (the finished prefix)."""
-    count = 0
-    for j, folder in enumerate(step_folders(out_dir, tasks, joint)):
-        if not (folder / "done.json").is_file():
-            break
-        count = j + 1
-    return count
 
 
 def run(config: RunConfig, out_dir: Path) -> dict[str, Any]:

@@ -1,0 +1,39 @@
+"""The ``nlora`` command. Each subcommand lives in its own module here and only calls the
+library (``nlora.presets``, ``nlora.runner``, ``nlora.report``, ...), never the reverse."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from nlora.cli import learn, report
+from nlora.errors import NloraError
+
+COMMANDS = (learn, report)  # each module's register(subparsers) adds its subcommands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nlora", description="Continual learning of language models with N-LoRA."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in COMMANDS:
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "accelerate", "peft", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except NloraError as err:
+        print(f"nlora: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nlora: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130

@@ -1,0 +1,175 @@
+"""``nlora run`` (one continual sequence), ``nlora compare`` (several methods on it) and
+``nlora orders`` (the paper's task orders).
+
+Every run flag's destination is a ``RunConfig`` field; a flag not given stays out of the
+parsed options, so ``nlora.presets.make_config`` fills it from the method, the order or the
+default (one place decides defaults, for the command line and for Python alike).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from nlora.config import DEFAULT_L1_LAMBDA, L1_PLACEMENTS, PRECISIONS, TRUNCATIONS, RunConfig
+from nlora.errors import ConfigError
+from nlora.orders import ORDERS
+from nlora.presets import EXTRA_OPTIONS, FIELDS, make_config
+
+D = RunConfig()  # RunConfig's defaults, quoted in the help
+
+
+def _floats(text: str) -> float | list[float]:
+    values = [float(x) for x in text.split(",")]
+    return values[0] if len(values) == 1 else values
+
+
+def _ints(text: str) -> int | list[int]:
+    values = [int(x) for x in text.split(",")]
+    return values[0] if len(values) == 1 else values
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, with_method: bool = True) -> None:
+    """The run options; destinations are RunConfig fields, absent unless given."""
+    what = parser.add_argument_group("what to learn")
+    what.add_argument("--model", help=f"HF model id or local folder (seq2seq or causal); "
+                      f"default: {D.model}")
+    what.add_argument("--data", dest="data_dir", metavar="DIR",
+                      help="CL_Benchmark folder (default: $NLORA_DATA)")
+    what.add_argument("--order", help=f"paper task order: {', '.join(ORDERS)}")
+    what.add_argument("--tasks", type=_names, help="custom order, e.g. agnews,SC/yelp,MNLI")
+    what.add_argument("--substitute", action="append",
+                      help="replace tasks of --order, e.g. yahoo=yelp (data not available)")
+    if with_method:  # `nlora compare` takes --methods instead
+        what.add_argument("--method",
+                          help="continual-learning method: nlora (default), olora, olora+nlora, "
+                          "inclora, seqlora, seqft, replay, ewc, lwf, mtl, pertaskft "
+                          "(docs/methods.md)")
+    lora = parser.add_argument_group("adapter")
+    lora.add_argument("--lora-r", type=int, help=f"LoRA rank (default {D.lora_r})")
+    lora.add_argument("--lora-alpha", type=float, help=f"LoRA alpha (default {D.lora_alpha})")
+    lora.add_argument("--lora-dropout", type=float,
+                      help=f"LoRA dropout (default {D.lora_dropout})")
+    lora.add_argument("--target-modules", type=_names,
+                      help="modules to adapt (default: the model type's query and value)")
+    lora.add_argument("--l1-lambda", type=_floats,
+                      help=f"ℓ1 weight, one value or one per task (default {DEFAULT_L1_LAMBDA}, "
+                      "scaled by the order's paper λ)")
+    lora.add_argument("--l1-on", choices=L1_PLACEMENTS,
+                      help="where the ℓ1 penalty goes: ΔW (N-LoRA, default), A, B, A and B "
+                      "separately, or the public code's r x r lora_A @ lora_B (square modules)")
+    meth = parser.add_argument_group("method options (docs/methods.md)")
+    meth.add_argument("--olora-lambda1", type=float,
+                      help=f"O-LoRA orthogonality weight λ₁ (default {D.olora_lambda1})")
+    meth.add_argument("--olora-lambda2", type=float,
+                      help=f"O-LoRA ℓ2 weight λ₂ on the new adapter (default {D.olora_lambda2})")
+    meth.add_argument("--replay-fraction", type=float,
+                      help="replay: share of each earlier task's training set (default "
+                      f"{D.replay_fraction})")
+    meth.add_argument("--ewc-lambda", type=float,
+                      help=f"EWC penalty weight (default {D.ewc_lambda})")
+    meth.add_argument("--lwf-alpha", type=float,
+                      help=f"LwF distillation weight (default {D.lwf_alpha})")
+    meth.add_argument("--lwf-temperature", type=float,
+                      help=f"LwF distillation temperature (default {D.lwf_temperature})")
+    opt = parser.add_argument_group("optimisation (defaults: the order's, else paper orders 1-3)")
+    opt.add_argument("--lr", dest="learning_rate", metavar="LR", type=_floats,
+                     help=f"learning rate, one or one per task (default {D.learning_rate})")
+    opt.add_argument("--epochs", type=_ints,
+                     help=f"epochs, one or one per task (default {D.epochs})")
+    opt.add_argument("--batch-size", type=int, help=f"batch size (default {D.batch_size})")
+    opt.add_argument("--weight-decay", type=float,
+                     help=f"AdamW weight decay (default {D.weight_decay})")
+    opt.add_argument("--max-source-length", type=int,
+                     help=f"prompt tokens kept (default {D.max_source_length})")
+    opt.add_argument("--seed", type=int, help=f"random seed (default {D.seed})")
+    opt.add_argument("--group-by-length", action=argparse.BooleanOptionalAction,
+                     help="training batches of similar length, still shuffled (default: on)")
+    opt.add_argument("--grad-accum", type=int,
+                     help="micro-batches per optimiser step; --batch-size stays the global batch "
+                     f"(default {D.grad_accum})")
+    opt.add_argument("--max-grad-norm", type=float,
+                     help=f"clip the gradient norm (default {D.max_grad_norm}; 0: off)")
+    opt.add_argument("--precision", choices=PRECISIONS,
+                     help=f"training precision through Accelerate (default {D.precision})")
+    opt.add_argument("--truncation", choices=TRUNCATIONS,
+                     help="over-long prompts: shorten the example text and keep the header, "
+                     "instruction, options and Answer: (text, default), keep the first tokens "
+                     "(head, as the released code) or the last (tail)")
+    ev = parser.add_argument_group("data and evaluation")
+    ev.add_argument("--train-per-task", type=int, help="stratified training subsample per task")
+    ev.add_argument("--test-per-task", type=int, help="stratified test subsample per task")
+    ev.add_argument("--eval-batch-size", type=int,
+                    help=f"evaluation batch size (default {D.eval_batch_size})")
+    ev.add_argument("--eval-mode", choices=["generate", "rank"],
+                    help="greedy generation + exact match (default), or the most likely label")
+    ev.add_argument("--eval-on", choices=["seen", "all"],
+                    help="evaluate seen tasks after each task (default), or all tasks (full "
+                    "matrix)")
+    ev.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction,
+                    help="run the prompts' shared prefix once in evaluation; same predictions "
+                    "(causal models; default: on)")
+
+
+def given_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The run options the user gave (flags not given are absent from ``args``)."""
+    return {k: v for k, v in vars(args).items() if k in FIELDS or k in EXTRA_OPTIONS}
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    return make_config(**given_options(args))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from nlora.runner import print_results, run  # heavy imports only when running
+
+    config = config_from_args(args)
+    metrics = run(config, args.out)
+    print_results(metrics)
+    print(f"\nrun folder: {args.out}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from nlora.compare import compare, format_comparison  # heavy imports only when running
+
+    if len(set(args.methods)) != len(args.methods):
+        raise ConfigError(f"a method appears twice in --methods {','.join(args.methods)}")
+    options = given_options(args)
+    # every method's config is built (and checked) before anything trains
+    configs = {name: make_config(**options, method=name) for name in args.methods}
+    rows = compare(configs, args.out)
+    print(format_comparison(rows))
+    print(f"\nrun folders: {args.out}/<method>/")
+    return 0
+
+
+def cmd_orders(args: argparse.Namespace) -> int:
+    for order in ORDERS.values():
+        print(f"{order.name:<13} {' -> '.join(order.tasks)}")
+        print(f"{'':<13} lr {order.learning_rate}, epochs {order.epochs}, batch "
+              f"{order.batch_size}, paper λ {order.paper_lambda} ({order.model})")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    run = sub.add_parser("run", argument_default=argparse.SUPPRESS,
+                         help="learn a task sequence, evaluate after each task")
+    add_run_arguments(run)
+    run.add_argument("--out", required=True, type=Path, help="run folder (resumes if present)")
+    run.set_defaults(func=cmd_run)
+    compare = sub.add_parser("compare", argument_default=argparse.SUPPRESS,
+                             help="run several methods on the same tasks")
+    add_run_arguments(compare, with_method=False)
+    compare.add_argument("--methods", type=_names, required=True,
+                         help="methods to compare, e.g. nlora,olora,inclora,seqlora")
+    compare.add_argument("--out", required=True, type=Path,
+                         help="comparison folder: one run folder per method inside")
+    compare.set_defaults(func=cmd_compare)
+    orders = sub.add_parser("orders", help="list the paper's task orders")
+    orders.set_defaults(func=cmd_orders)

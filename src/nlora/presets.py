@@ -1,0 +1,127 @@
+"""From a user's options to a run's full settings: what every option not given defaults to.
+
+``make_config(**options)`` is the one place where defaults are decided, whoever asks: the
+``nlora`` command (its flags), a YAML config file, or Python code. An option not given takes,
+in this order, the method's default (``METHOD_DEFAULTS``), the task order's preset
+(``nlora.orders``), then ``RunConfig``'s own default. Task names are resolved against the data
+folder, and a task whose data is absent fails here, before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from nlora.config import DEFAULT_L1_LAMBDA, METHOD_DEFAULTS, RunConfig
+from nlora.data import KNOWN_CATEGORIES, data_dir_from, resolve_task, task_is_available
+from nlora.errors import ConfigError, DataError
+from nlora.orders import PAPER_BASE_LAMBDA, Order, get_order, substitute
+
+FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig))
+EXTRA_OPTIONS = ("substitute",)  # options that shape the config but are not stored in it
+ORDER_PRESETS = ("learning_rate", "epochs", "batch_size")
+
+
+def make_config(**options: Any) -> RunConfig:
+    """A validated ``RunConfig`` from user options.
+
+    Keyword names are ``RunConfig`` fields, plus ``substitute`` ({"yahoo": "yelp"} or
+    ["yahoo=yelp"]) to swap tasks of ``order``. ``tasks`` given explicitly win over the
+    order's list (the order then only brings its hyperparameters); ``data_dir`` defaults to
+    ``$NLORA_DATA``. Unknown names are an error naming them.
+    """
+    unknown = sorted(set(options) - set(FIELDS) - set(EXTRA_OPTIONS))
+    if unknown:
+        raise ConfigError(f"unknown option {', '.join(unknown)}")
+    given = {k: v for k, v in options.items() if v is not None}
+    substitutions = parse_substitutions(given.pop("substitute", None) or {})
+    data_dir = data_dir_from(given.get("data_dir"))
+    order = get_order(given["order"]) if given.get("order") else None
+    if "tasks" in given:
+        if substitutions:
+            raise ConfigError("--substitute applies to --order; edit --tasks instead")
+        names = _task_list(given["tasks"])
+    elif order is not None:
+        names = substitute(order.tasks, substitutions)
+    else:
+        raise ConfigError("no tasks: pass --order NAME or --tasks a,b,c")
+    method = given.get("method", RunConfig.method)
+    from nlora.methods import get_method  # heavy (torch, PEFT): only once options parse
+
+    get_method(method)  # an unknown method fails here, before anything runs
+    values = dict(given)
+    values["data_dir"] = str(data_dir)
+    values["tasks"] = [
+        _available_task(data_dir, name, order.name if order else None) for name in names
+    ]
+    values["order"] = order.name if order else None
+    for field in ORDER_PRESETS:
+        if field not in given:
+            preset = _preset(field, method, order)
+            if preset is not None:
+                values[field] = preset
+    if "l1_lambda" not in given:
+        values["l1_lambda"] = default_l1_lambda(order, given.get("l1_on", RunConfig.l1_on))
+    config = RunConfig(**values)
+    config.validate()
+    return config
+
+
+def _preset(field: str, method: str, order: Order | None) -> Any:
+    if field in METHOD_DEFAULTS.get(method, {}):  # e.g. full fine-tuning's learning rate
+        return METHOD_DEFAULTS[method][field]
+    if order is not None:
+        preset = getattr(order, field)
+        return list(preset) if isinstance(preset, tuple) else preset
+    return None
+
+
+def default_l1_lambda(order: Order | None, l1_on: str) -> float | list[float]:
+    """The ℓ1 weight when none is given: nlora's default, scaled by the order's paper λ.
+
+    The paper tuned λ for the released code's r × r form (``l1_on="reference"``), which then
+    takes the paper's values as they are; the ΔW form keeps the order's relative pattern.
+    """
+    if order is None:
+        return DEFAULT_L1_LAMBDA
+    paper = order.paper_lambda
+    if l1_on == "reference":
+        return list(paper) if isinstance(paper, tuple) else paper
+    if isinstance(paper, tuple):
+        return [DEFAULT_L1_LAMBDA * p / PAPER_BASE_LAMBDA for p in paper]
+    return DEFAULT_L1_LAMBDA * paper / PAPER_BASE_LAMBDA
+
+
+def parse_substitutions(value: Mapping[str, str] | Iterable[str] | str) -> dict[str, str]:
+    """{"yahoo": "yelp"} from a mapping, "yahoo=yelp,wic=sst-2" or a list of such strings."""
+    if isinstance(value, Mapping):
+        return {str(k): str(v) for k, v in value.items()}
+    items = [value] if isinstance(value, str) else list(value)
+    pairs = {}
+    for item in items:
+        for part in _task_list(item):
+            old, sep, new = part.partition("=")
+            if not sep or not old.strip() or not new.strip():
+                raise ConfigError(f"--substitute expects OLD=NEW, got {part!r}")
+            pairs[old.strip()] = new.strip()
+    return pairs
+
+
+def _task_list(value: str | Iterable[str]) -> list[str]:
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return [str(x).strip() for x in items if str(x).strip()]
+
+
+def _available_task(data_dir: Path, name: str, order: str | None) -> str:
+    if task_is_available(data_dir, name):
+        return "/".join(resolve_task(data_dir, name))
+    category = KNOWN_CATEGORIES.get(name.lower())
+    label = f"{category}/{name}" if category else name
+    where = f"{order} needs" if order else "--tasks names"
+    hint = f"--substitute {name}=OTHER (e.g. {name}=yelp)" if order else "drop or replace it"
+    raise DataError(
+        f"{where} {label}, which has no train.json/test.json in {data_dir}; substitute another "
+        f"task: {hint}"
+    )
