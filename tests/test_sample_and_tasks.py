@@ -5,13 +5,14 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+import runpy
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SHARED
+from conftest import DATA, REPO
 
 from nlora import data
 from nlora.catalog import format_tasks, list_tasks
@@ -23,9 +24,7 @@ SCRIPT = REPO / "scripts" / "make_sample_data.py"
 
 
 def _sizes() -> dict[str, tuple[int, int]]:
-    namespace: dict = {}
-    exec(compile(SCRIPT.read_text(), str(SCRIPT), "exec"), namespace)  # noqa: S102
-    return namespace["SIZES"]
+    return runpy.run_path(str(SCRIPT))["SIZES"]
 
 
 def test_sample_is_a_small_valid_benchmark_with_the_scripted_sizes():
@@ -58,10 +57,10 @@ def test_every_sample_file_is_installed_as_package_data():
                    for pat in patterns), f
 
 
-@pytest.mark.skipif(not (SHARED / "TC" / "agnews" / "train.json").is_file(),
-                    reason="the full benchmark (../shared/CL_Benchmark) is not beside the repo")
+@pytest.mark.skipif(DATA == SAMPLE_DATA, reason="needs the full benchmark (NLORA_DATA or "
+                    "../shared/CL_Benchmark)")
 def test_the_script_rebuilds_the_sample_byte_for_byte():
-    done = subprocess.run([sys.executable, str(SCRIPT), "--source", str(SHARED), "--check"],
+    done = subprocess.run([sys.executable, str(SCRIPT), "--source", str(DATA), "--check"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip() == "identical"

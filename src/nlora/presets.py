@@ -25,6 +25,7 @@ from nlora.orders import PAPER_BASE_LAMBDA, Order, get_order, substitute
 FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig))
 EXTRA_OPTIONS = ("substitute",)  # options that shape the config but are not stored in it
 ORDER_PRESETS = ("learning_rate", "epochs", "batch_size")
+FLAG_KEYS = {"lr": "learning_rate", "data": "data_dir"}  # flags named unlike their key
 
 
 def make_config(**options: Any) -> RunConfig:
@@ -96,11 +97,21 @@ def read_options(path: str | Path) -> dict[str, Any]:
     known = set(FIELDS) | set(EXTRA_OPTIONS)
     for key in options:
         if key not in known:
-            close = difflib.get_close_matches(str(key), sorted(known), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            close = _closest_key(str(key), known)
+            hint = f" (did you mean {close!r}?)" if close else ""
             raise ConfigError(f"{path}: unknown key {key!r}{hint}; keys are those of a run's "
                               "config.yaml")
     return options
+
+
+def _closest_key(key: str, known: set[str]) -> str | None:
+    """The key a flag-like or misspelt ``key`` probably means (``lr``, ``lora-r``, ...)."""
+    spelled = key.lstrip("-").replace("-", "_")
+    spelled = FLAG_KEYS.get(spelled, spelled)
+    if spelled in known:
+        return spelled
+    close = difflib.get_close_matches(spelled, sorted(known), n=1)
+    return close[0] if close else None
 
 
 def combine_options(from_file: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
