@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import REPO
 
+from nlora.data import resolve_task
 from nlora.demo import DEMO_METHODS, DEMO_OPTIONS, format_demo, run_demo
 
 TINY = {"train_per_task": 8, "test_per_task": 4, "batch_size": 4, "max_source_length": 64,
@@ -21,7 +22,7 @@ def test_demo_table_shows_chance_own_and_final_accuracy_and_collisions(
     assert [m.method for m in result.methods] == list(DEMO_METHODS)
     text = format_demo(result)
     lines = text.splitlines()
-    tasks = [t.split("/")[-1] for t in DEMO_OPTIONS["tasks"]]
+    tasks = [resolve_task(data_dir, t)[1] for t in DEMO_OPTIONS["tasks"]]
     assert result.tasks == tasks
     for i, task in enumerate(tasks):
         cells = next(x for x in lines if x.startswith(task + " ")).split()

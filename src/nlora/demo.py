@@ -22,12 +22,12 @@ DEMO_METHODS: tuple[str, ...] = ("nlora", "seqlora")
 
 DEMO_OPTIONS: dict[str, Any] = {
     "model": "smollm2-135m",
-    "tasks": ["dbpedia", "sst-2", "agnews"],
-    "train_per_task": 160,
-    "test_per_task": 100,
+    "tasks": ["sst-2", "agnews", "dbpedia"],
+    "train_per_task": 96,
+    "test_per_task": 60,
     "epochs": 1,
     "batch_size": 8,
-    "learning_rate": 1e-3,
+    "learning_rate": 2e-3,
     "max_source_length": 256,
     "eval_mode": "generate",
     "seed": 42,

@@ -180,7 +180,8 @@ def _run(
         label = "joint training" if joint else f"task {j + 1}/{len(tasks)} {task.dataset}"
         model = method.begin_task(model, j, task)
 
-        def log_step(record: StepRecord, offset: int = global_step, name: str = task.dataset):
+        def log_step(record: StepRecord, offset: int = global_step,
+                     name: str = "joint" if joint else task.dataset) -> None:
             step = offset + record.step
             step_log.info(
                 "step %d (%s): loss %.6g, penalty %.6g, lr %.6g",
