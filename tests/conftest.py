@@ -1,7 +1,9 @@
 """Shared fixtures: tiny randomly initialised T5 and LLaMA models saved to disk, the data.
 
 The tokenizer is a small word-piece-free BPE trained in seconds on real benchmark text, so
-no model or tokenizer is downloaded.
+no model or tokenizer is downloaded. The data is ``$NLORA_DATA``, else the full benchmark
+in ``../shared/CL_Benchmark`` when present, else the sample shipped inside the package (so
+the suite runs on a fresh clone with nothing beside it).
 """
 
 from __future__ import annotations
@@ -13,8 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from nlora.data import SAMPLE_DATA
+
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("NLORA_DATA", REPO.parent / "shared" / "CL_Benchmark"))
+SHARED = REPO.parent / "shared" / "CL_Benchmark"
+DATA = Path(os.environ.get("NLORA_DATA") or (SHARED if SHARED.is_dir() else SAMPLE_DATA))
 TINY_TASKS = ["SC/yelp", "TC/agnews", "NLI/CB"]
 
 
@@ -103,5 +108,5 @@ def tiny_model_dir(request, tiny_llama_dir, tiny_t5_dir) -> Path:
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not (DATA / "TC" / "agnews" / "train.json").is_file():
-        pytest.skip(f"benchmark data not found at {DATA}")
+        pytest.fail(f"benchmark data not found at {DATA} (NLORA_DATA?)")
     return DATA

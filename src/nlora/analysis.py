@@ -163,6 +163,13 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
+def is_cumulative_adapter(method: str | None) -> bool:
+    """Whether the method saves one adapter trained on and on (SeqLoRA)."""
+    from nlora.methods import METHODS  # PEFT and the methods: only when a run is read
+
+    return bool(method in METHODS and METHODS[method].cumulative_adapter)
+
+
 def analyse_run(
     run_dir: Path | str,
     threshold: float = DEFAULT_THRESHOLD,
@@ -213,7 +220,7 @@ def analyse_run(
         "parameter": None,
         "notes": notes,
     }
-    updates = load_task_updates(run_dir)
+    updates = load_task_updates(run_dir, cumulative=is_cumulative_adapter(config.get("method")))
     if not updates:
         notes.append(
             "no LoRA adapters saved (e.g. full fine-tuning): parameter-space metrics skipped"
@@ -221,6 +228,9 @@ def analyse_run(
         return result
     if len(updates) < len(tasks):
         notes.append(f"adapters found for the first {len(updates)} of {len(tasks)} tasks only")
+    if is_cumulative_adapter(config.get("method")):
+        notes.append("one adapter trained on every task: task t's update is its saved adapter "
+                     "minus task t-1's")
     result["parameter"] = analyse_updates(
         updates, threshold, mode, awom_norm, curve_thresholds, progress
     )

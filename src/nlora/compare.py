@@ -28,14 +28,16 @@ def run_seconds(run_dir: Path) -> float:
     return total
 
 
-def compare(configs: Mapping[str, RunConfig], out: Path) -> list[dict[str, Any]]:
+def compare(
+    configs: Mapping[str, RunConfig], out: Path | str, report_to: str | None = None
+) -> list[dict[str, Any]]:
     """Run (or resume) each named config in ``out/<name>/``; rows for ``format_comparison``,
     also written to ``out/compare.json``."""
     out = Path(out)
     rows = []
     for name, config in configs.items():
         run_dir = out / name
-        summary = run(config, run_dir).get("summary") or {}
+        summary = run(config, run_dir, report_to=report_to).get("summary") or {}
         rows.append({"method": name, **{k: summary.get(k) for k, _ in COLUMNS},
                      "seconds": run_seconds(run_dir), "run": str(run_dir)})
     write_json_atomic(out / "compare.json", rows)

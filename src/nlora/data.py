@@ -8,6 +8,7 @@ The category picks the instruction (paper, Table 6).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 from collections import defaultdict
@@ -15,6 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nlora.errors import DataError
+
+log = logging.getLogger("nlora")
+
+# A small real sample of the benchmark shipped inside the package (scripts/make_sample_data.py
+# draws it from the full data; sources and licences: sample_data/README.md).
+SAMPLE_DATA = Path(__file__).resolve().parent / "sample_data" / "CL_Benchmark"
+_said_sample = False
 
 # Paper, Table 6. The public O-LoRA/N-LoRA instruction config ends each one with a newline.
 INSTRUCTIONS: dict[str, str] = {
@@ -43,10 +51,15 @@ ALIASES: dict[str, str] = {"ag": "agnews", "sst2": "sst-2", "boolq": "boolqa"}
 
 
 def data_dir_from(option: str | os.PathLike | None) -> Path:
-    """The data directory: the option, else ``$NLORA_DATA``."""
+    """The data directory: the option, else ``$NLORA_DATA``, else the embedded sample."""
     value = option or os.environ.get("NLORA_DATA")
     if not value:
-        raise DataError("no data directory: pass --data DIR or set NLORA_DATA")
+        global _said_sample
+        if not _said_sample:  # one line per process, however many configs are built
+            log.info("no --data or NLORA_DATA: using the small sample shipped with nlora (%s)",
+                     SAMPLE_DATA)
+            _said_sample = True
+        return SAMPLE_DATA
     path = Path(value).expanduser().resolve()
     if not path.is_dir():
         raise DataError(f"data directory {path} does not exist")

@@ -220,6 +220,20 @@ class LoraUpdate:
         return self.scaling * (self.B.to(dtype) @ self.A.to(dtype))
 
 
+def update_difference(new: LoraUpdate, old: LoraUpdate) -> LoraUpdate:
+    """new − old, still factored (rank r_new + r_old): s·[B_n, −B_o] @ [A_n; A_o].
+
+    Both must share the scaling (the same adapter at two times, as SeqLoRA saves it).
+    """
+    if new.scaling != old.scaling:
+        raise ValueError(f"scalings differ ({new.scaling} vs {old.scaling})")
+    return LoraUpdate(
+        A=torch.cat([new.A, old.A.to(new.A.dtype)], dim=0),
+        B=torch.cat([new.B, -old.B.to(new.B.dtype)], dim=1),
+        scaling=new.scaling,
+    )
+
+
 def awom_pair_lowrank(
     u_t: LoraUpdate, u_i: LoraUpdate, norm: MatrixNorm = DEFAULT_AWOM_NORM
 ) -> float:

@@ -10,9 +10,12 @@ folder, and a task whose data is absent fails here, before anything runs.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from nlora.config import DEFAULT_L1_LAMBDA, METHOD_DEFAULTS, RunConfig
 from nlora.data import KNOWN_CATEGORIES, data_dir_from, resolve_task, task_is_available
@@ -22,6 +25,7 @@ from nlora.orders import PAPER_BASE_LAMBDA, Order, get_order, substitute
 FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig))
 EXTRA_OPTIONS = ("substitute",)  # options that shape the config but are not stored in it
 ORDER_PRESETS = ("learning_rate", "epochs", "batch_size")
+FLAG_KEYS = {"lr": "learning_rate", "data": "data_dir"}  # flags named unlike their key
 
 
 def make_config(**options: Any) -> RunConfig:
@@ -67,6 +71,61 @@ def make_config(**options: Any) -> RunConfig:
     config = RunConfig(**values)
     config.validate()
     return config
+
+
+def read_options(path: str | Path) -> dict[str, Any]:
+    """The options of a YAML config file, for ``make_config(**options)``.
+
+    Its keys are those of a run folder's ``config.yaml`` (``RunConfig`` fields, plus
+    ``substitute``), so a finished run's config reruns as it is. An unknown key, a file that
+    is not a mapping or malformed YAML is a one-line error naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        options = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: malformed YAML{where}") from None
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise ConfigError(f"{path}: expected a mapping of option: value, got "
+                          f"{type(options).__name__}")
+    known = set(FIELDS) | set(EXTRA_OPTIONS)
+    for key in options:
+        if key not in known:
+            close = _closest_key(str(key), known)
+            hint = f" (did you mean {close!r}?)" if close else ""
+            raise ConfigError(f"{path}: unknown key {key!r}{hint}; keys are those of a run's "
+                              "config.yaml")
+    return options
+
+
+def _closest_key(key: str, known: set[str]) -> str | None:
+    """The key a flag-like or misspelt ``key`` probably means (``lr``, ``lora-r``, ...)."""
+    spelled = key.lstrip("-").replace("-", "_")
+    spelled = FLAG_KEYS.get(spelled, spelled)
+    if spelled in known:
+        return spelled
+    close = difflib.get_close_matches(spelled, sorted(known), n=1)
+    return close[0] if close else None
+
+
+def combine_options(from_file: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
+    """A config file's options overridden by those given (e.g. flags).
+
+    A new task sequence replaces the file's: ``order`` given without ``tasks`` drops the
+    file's resolved ``tasks`` (and its ``substitute`` goes with a new ``tasks`` list).
+    """
+    base = dict(from_file)
+    if "order" in given and "tasks" not in given:
+        base.pop("tasks", None)
+    if "tasks" in given:
+        base.pop("substitute", None)
+    return {**base, **given}
 
 
 def _preset(field: str, method: str, order: Order | None) -> Any:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from nlora import figures
-from nlora.analysis import analyse_run
+from nlora.analysis import analyse_run, is_cumulative_adapter
 from nlora.errors import ConfigError
 from nlora.param_metrics import (
     DEFAULT_AWOM_NORM,
@@ -212,7 +212,7 @@ def _collision_section(
     module = _pick_module(p["modules"], opts.module)
     if module is None:
         return [f"- collision map skipped: no module matches {opts.module!r}", ""]
-    updates = load_task_updates(r["dir"])
+    updates = load_task_updates(r["dir"], cumulative=is_cumulative_adapter(r["method"]))
     dw_i, dw_j = updates[i][module].delta(), updates[j][module].delta()
     labels = (f"task {i + 1} ({r['tasks'][i].split('/')[-1]})",
               f"task {j + 1} ({r['tasks'][j].split('/')[-1]})")

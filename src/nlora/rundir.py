@@ -25,7 +25,7 @@ from nlora.data import Task
 from nlora.errors import ConfigError
 from nlora.io import write_text_atomic
 from nlora.metrics import summarize
-from nlora.param_metrics import LoraUpdate
+from nlora.param_metrics import LoraUpdate, update_difference
 
 
 def task_folder(out_dir: Path, index: int, task: Task) -> Path:
@@ -110,15 +110,34 @@ def finished_task_dirs(run_dir: Path | str) -> list[Path]:
     return finished
 
 
-def load_task_updates(run_dir: Path | str) -> list[dict[str, LoraUpdate]]:
-    """Every finished task's LoRA adapter, in training order, up to the first without one."""
-    updates = []
+def load_task_updates(
+    run_dir: Path | str, cumulative: bool = False
+) -> list[dict[str, LoraUpdate]]:
+    """Every finished task's LoRA update, in training order, up to the first without one.
+
+    ``cumulative``: each saved adapter holds all updates so far (SeqLoRA), so task t's own
+    update is its adapter minus task t-1's (kept factored, rank 2r).
+    """
+    adapters = []
     for folder in finished_task_dirs(run_dir):
         adapter = folder / "adapter"
         if not (adapter / "adapter_model.safetensors").is_file():
             break
-        updates.append(read_lora_updates(adapter))
+        adapters.append(read_lora_updates(adapter))
+    if not cumulative:
+        return adapters
+    updates = adapters[:1]
+    for previous, current in zip(adapters, adapters[1:], strict=False):
+        updates.append({m: update_difference(u, previous[m]) for m, u in current.items()})
     return updates
+
+
+def read_metrics(run_dir: Path | str) -> dict[str, Any]:
+    """A run folder's metrics.json: tasks, accuracy matrix, and AA / F.Ra / BWT once finished."""
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} has no metrics.json (not an nlora run, or no task done)")
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def load_run_info(run_dir: Path | str) -> dict[str, Any]:

@@ -4,6 +4,11 @@
 Rerunning the same command resumes after the last finished task. Every task seeds its own
 randomness from (seed, task index), so a resumed run ends exactly where an uninterrupted
 one does.
+
+Curves: every optimiser step's task loss, penalty and learning rate, and every evaluation's
+accuracies, go to ``run.log`` as text and, with ``report_to="tensorboard"``, to TensorBoard
+through Accelerate's trackers (``RUN/tensorboard/``). Steps count optimiser steps over the
+whole sequence, continuing across tasks and resumes.
 """
 
 from __future__ import annotations
@@ -16,29 +21,60 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import gather_object, is_tensorboard_available, set_seed
 
 from nlora.batching import Encoder
 from nlora.config import RunConfig
 from nlora.data import Task, load_task
+from nlora.errors import ConfigError
 from nlora.evaluate import Prediction, accuracy, predict
 from nlora.io import write_json_atomic, write_text_atomic
 from nlora.methods import get_method
 from nlora.model import load_backbone
 from nlora.rundir import collect_metrics, finished_tasks, prepare_run_dir, step_folders
 from nlora.tables import format_results
-from nlora.train import train_task
+from nlora.train import StepRecord, train_task
 
 log = logging.getLogger("nlora")
+# Per-step lines go to run.log only (not to the console, where the progress bar shows them).
+step_log = logging.getLogger("nlora.steps")
+step_log.propagate = False
+
+REPORT_TO = ("tensorboard",)  # Accelerate trackers nlora logs to (optional extras)
+TRACKER_PROJECT = "tensorboard"  # RUN/tensorboard/ holds the event files
 
 
 def _attach_log_file(out_dir: Path) -> logging.Handler:
     handler = logging.FileHandler(out_dir / "run.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logger = logging.getLogger("nlora")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)  # the run log keeps progress whatever the console shows
+    for logger in (logging.getLogger("nlora"), step_log):
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)  # the run log keeps progress whatever the console shows
     return handler
+
+
+def check_report_to(report_to: str | None) -> None:
+    """Refuse an unknown tracker, or one whose optional package is not installed."""
+    if report_to is None:
+        return
+    if report_to not in REPORT_TO:
+        raise ConfigError(f"--report-to must be one of {', '.join(REPORT_TO)}, got {report_to!r}")
+    if not is_tensorboard_available():
+        raise ConfigError(
+            "--report-to tensorboard needs the tensorboard package: "
+            "pip install 'nlora[tensorboard]' (or pip install tensorboard)"
+        )
+
+
+def _tracker_config(config: RunConfig) -> dict[str, Any]:
+    """The config as TensorBoard hyperparameters (scalars and strings only)."""
+    out = {}
+    for key, value in config.to_dict().items():
+        if isinstance(value, bool | int | float | str):
+            out[key] = value
+        else:
+            out[key] = "none" if value is None else ",".join(str(v) for v in value)
+    return out
 
 
 def load_tasks(config: RunConfig) -> list[Task]:
@@ -86,22 +122,33 @@ def evaluate_tasks(
     return results
 
 
-def run(config: RunConfig, out_dir: Path) -> dict[str, Any]:
-    """Run (or resume) the continual sequence in ``out_dir``; return metrics.json's content."""
+def run(config: RunConfig, out_dir: Path | str, report_to: str | None = None) -> dict[str, Any]:
+    """Run (or resume) the continual sequence in ``out_dir``; return metrics.json's content.
+
+    ``report_to="tensorboard"`` also logs the curves to ``out_dir/tensorboard`` (needs the
+    optional ``tensorboard`` package). It is not part of the config: a run resumes with or
+    without it.
+    """
     config.validate()
     get_method(config.method)  # an unknown method fails before the run folder is made
+    check_report_to(report_to)
     out_dir = Path(out_dir).resolve()
-    accelerator = Accelerator()
+    accelerator = Accelerator(log_with=report_to, project_dir=out_dir if report_to else None)
     tasks = load_tasks(config)
     if accelerator.is_main_process:
         prepare_run_dir(config, out_dir)
     accelerator.wait_for_everyone()
     handler = _attach_log_file(out_dir) if accelerator.is_main_process else None
+    if report_to:
+        accelerator.init_trackers(TRACKER_PROJECT, config=_tracker_config(config))
     try:
         return _run(config, out_dir, tasks, accelerator)
     finally:
+        if report_to:
+            accelerator.end_training()
         if handler is not None:
-            logging.getLogger("nlora").removeHandler(handler)
+            for logger in (logging.getLogger("nlora"), step_log):
+                logger.removeHandler(handler)
             handler.close()
 
 
@@ -121,15 +168,29 @@ def _run(
         "run %s: method %s, model %s, %d tasks (%d finished)",
         out_dir, config.method, config.model, len(tasks), done,
     )
+    global_step = 0  # optimiser steps over the whole sequence, continued on resume
     for j in range(done):
         model = method.restore_task(model, j, tasks[j], folders[j])
         log.info("restored task %d/%d %s from %s", j + 1, len(folders), folders[j].name, out_dir)
+        record = json.loads((folders[j] / "done.json").read_text(encoding="utf-8"))
+        global_step += int(record["train"]["steps"])
 
     for j in range(done, len(folders)):
         task, folder = tasks[j], folders[j]
         set_seed(config.seed + j)  # per-task seed: resume reproduces an uninterrupted run
         label = "joint training" if joint else f"task {j + 1}/{len(tasks)} {task.dataset}"
         model = method.begin_task(model, j, task)
+
+        def log_step(record: StepRecord, offset: int = global_step,
+                     name: str = "joint" if joint else task.dataset) -> None:
+            step = offset + record.step
+            step_log.info(
+                "step %d (%s): loss %.6g, penalty %.6g, lr %.6g",
+                step, name, record.loss, record.penalty, record.learning_rate,
+            )
+            accelerator.log({"train/loss": record.loss, "train/penalty": record.penalty,
+                             "train/learning_rate": record.learning_rate}, step=step)
+
         model, result = train_task(
             model, method, j, method.train_examples(j, tasks), encoder, accelerator,
             learning_rate=float(config.per_task("learning_rate", j)),
@@ -139,7 +200,9 @@ def _run(
             seed=config.seed + j,
             desc=f"train {label}",
             group_by_length=config.group_by_length,
+            on_step=log_step,
         )
+        global_step += result.steps
         log.info(
             "%s: %d steps in %.0fs, loss %.4f -> %.4f, penalty %.4g",
             label, result.steps, result.seconds, result.first_loss, result.last_loss,
@@ -164,7 +227,11 @@ def _run(
             accs = ", ".join(
                 f"{tasks[i].dataset} {accuracy(p):.1f}" for i, p in predictions.items()
             )
-            log.info("%s evaluated in %.0fs: %s", label, eval_seconds, accs)
+            log.info("%s evaluated in %.0fs (step %d): %s", label, eval_seconds, global_step, accs)
+            accelerator.log(
+                {f"accuracy/{tasks[i].dataset}": accuracy(p) for i, p in predictions.items()},
+                step=global_step,
+            )
         accelerator.wait_for_everyone()
 
     metrics = collect_metrics(out_dir, tasks, joint, config.eval_mode)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,16 @@ class TrainResult:
     last_penalty: float
 
 
+@dataclass
+class StepRecord:
+    """One optimiser step, for logging: ``step`` counts from 1 within the task."""
+
+    step: int
+    loss: float  # the task loss, without the penalty
+    penalty: float  # the method's penalty as added to the loss (0 when it has none)
+    learning_rate: float
+
+
 def train_task(
     model: torch.nn.Module,
     method: ContinualMethod,
@@ -44,6 +55,7 @@ def train_task(
     seed: int,
     desc: str = "train",
     group_by_length: bool = True,
+    on_step: Callable[[StepRecord], None] | None = None,
 ) -> tuple[torch.nn.Module, TrainResult]:
     features = [encoder.train_features(ex) for ex in examples]
     loader = make_train_loader(features, encoder, batch_size, seed, group_by_length)
@@ -80,6 +92,9 @@ def train_task(
             steps += 1
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}", l1=f"{penalty_value:.3g}")
+            if on_step is not None:
+                on_step(StepRecord(steps, losses[-1], penalty_value if penalty is not None else 0.0,
+                                   float(optimizer.param_groups[0]["lr"])))
     bar.close()
     model = accelerator.unwrap_model(model)
     accelerator.free_memory()  # drop Accelerate's references before the next task's model

@@ -8,10 +8,11 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from nlora.cli import learn, report
+from nlora.cli import demo, export, learn, report, tasks
 from nlora.errors import NloraError
 
-COMMANDS = (learn, report)  # each module's register(subparsers) adds its subcommands
+# each module's register(subparsers) adds its subcommands
+COMMANDS = (demo, learn, tasks, report, export)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,7 +15,7 @@ from typing import Any
 from nlora.config import DEFAULT_L1_LAMBDA, L1_PLACEMENTS, PRECISIONS, TRUNCATIONS, RunConfig
 from nlora.errors import ConfigError
 from nlora.orders import ORDERS
-from nlora.presets import EXTRA_OPTIONS, FIELDS, make_config
+from nlora.presets import EXTRA_OPTIONS, FIELDS, combine_options, make_config, read_options
 
 D = RunConfig()  # RunConfig's defaults, quoted in the help
 
@@ -37,6 +37,9 @@ def _names(text: str) -> list[str]:
 def add_run_arguments(parser: argparse.ArgumentParser, with_method: bool = True) -> None:
     """The run options; destinations are RunConfig fields, absent unless given."""
     what = parser.add_argument_group("what to learn")
+    what.add_argument("--config", dest="config_file", metavar="FILE.yaml", type=Path,
+                      help="options from a YAML file with the keys of a run's config.yaml "
+                      "(a finished run's config reruns as it is); flags given override it")
     what.add_argument("--model", help=f"HF model id or local folder (seq2seq or causal); "
                       f"default: {D.model}")
     what.add_argument("--data", dest="data_dir", metavar="DIR",
@@ -117,8 +120,11 @@ def add_run_arguments(parser: argparse.ArgumentParser, with_method: bool = True)
 
 
 def given_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The run options the user gave (flags not given are absent from ``args``)."""
-    return {k: v for k, v in vars(args).items() if k in FIELDS or k in EXTRA_OPTIONS}
+    """The run options the user gave: ``--config FILE``'s, overridden by the flags given
+    (flags not given are absent from ``args``)."""
+    flags = {k: v for k, v in vars(args).items() if k in FIELDS or k in EXTRA_OPTIONS}
+    from_file = read_options(args.config_file) if "config_file" in args else {}
+    return combine_options(from_file, flags)
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -129,7 +135,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from nlora.runner import print_results, run  # heavy imports only when running
 
     config = config_from_args(args)
-    metrics = run(config, args.out)
+    metrics = run(config, args.out, report_to=getattr(args, "report_to", None))
     print_results(metrics)
     print(f"\nrun folder: {args.out}")
     return 0
@@ -141,9 +147,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if len(set(args.methods)) != len(args.methods):
         raise ConfigError(f"a method appears twice in --methods {','.join(args.methods)}")
     options = given_options(args)
+    options.pop("method", None)  # a config file's method: --methods decides here
     # every method's config is built (and checked) before anything trains
     configs = {name: make_config(**options, method=name) for name in args.methods}
-    rows = compare(configs, args.out)
+    rows = compare(configs, args.out, report_to=getattr(args, "report_to", None))
     print(format_comparison(rows))
     print(f"\nrun folders: {args.out}/<method>/")
     return 0
@@ -157,11 +164,19 @@ def cmd_orders(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_report_to(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--report-to", choices=["tensorboard"],
+                        help="also log loss, penalty, learning rate per step and accuracies to "
+                        "TensorBoard in RUN/tensorboard (pip install 'nlora[tensorboard]'); "
+                        "run.log always keeps them as text")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     run = sub.add_parser("run", argument_default=argparse.SUPPRESS,
                          help="learn a task sequence, evaluate after each task")
     add_run_arguments(run)
     run.add_argument("--out", required=True, type=Path, help="run folder (resumes if present)")
+    add_report_to(run)
     run.set_defaults(func=cmd_run)
     compare = sub.add_parser("compare", argument_default=argparse.SUPPRESS,
                              help="run several methods on the same tasks")
@@ -170,6 +185,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                          help="methods to compare, e.g. nlora,olora,inclora,seqlora")
     compare.add_argument("--out", required=True, type=Path,
                          help="comparison folder: one run folder per method inside")
+    add_report_to(compare)
     compare.set_defaults(func=cmd_compare)
     orders = sub.add_parser("orders", help="list the paper's task orders")
     orders.set_defaults(func=cmd_orders)

@@ -26,6 +26,10 @@ from nlora.data import Example, Task
 class ContinualMethod:
     name: ClassVar[str]
     joint: ClassVar[bool] = False  # True: one training phase on all tasks mixed
+    per_task_model: ClassVar[bool] = False  # True: task i is answered by its own model
+    # True: each task's saved adapter holds every update so far (one adapter trained on and
+    # on), so task t's own update is its adapter minus task t-1's.
+    cumulative_adapter: ClassVar[bool] = False
 
     def __init__(self, config: RunConfig, is_seq2seq: bool) -> None:
         self.config = config

@@ -34,6 +34,7 @@ def activate(model: PeftModel, index: int) -> None:
 
 class PerTaskFT(ContinualMethod):
     name = "pertaskft"
+    per_task_model = True
 
     def begin_task(self, model: PreTrainedModel, index: int, task: Task) -> torch.nn.Module:
         config = lora_config(self.config, self.is_seq2seq)

@@ -18,6 +18,7 @@ from nlora.methods.base import ContinualMethod
 
 class SeqLoRA(ContinualMethod):
     name = "seqlora"
+    cumulative_adapter = True
 
     def begin_task(self, model: PreTrainedModel, index: int, task: Task) -> torch.nn.Module:
         if isinstance(model, PeftModel):  # the one adapter, as the last task left it
