@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from safetensors import safe_open
 from transformers import PreTrainedModel
 
 from nlora.config import RunConfig
+from nlora.errors import ConfigError
 from nlora.io import write_dir_atomic
 from nlora.param_metrics import LoraUpdate
 
@@ -45,6 +46,32 @@ def lora_config(config: RunConfig, is_seq2seq: bool) -> LoraConfig:
 def add_adapter(model: PreTrainedModel, config: RunConfig, is_seq2seq: bool) -> PeftModel:
     """Wrap ``model`` with a fresh trainable LoRA adapter; everything else is frozen."""
     return get_peft_model(model, lora_config(config, is_seq2seq))
+
+
+def check_adapter(
+    model: PreTrainedModel,
+    config: RunConfig,
+    is_seq2seq: bool,
+    inspect: Callable[[PeftModel], None] | None = None,
+) -> None:
+    """Build the run's adapter on ``model`` (and let ``inspect`` look at it), then remove it:
+    a bad ``--target-modules`` or adapter option fails here, before any run folder exists."""
+    try:
+        peft_model = add_adapter(model, config, is_seq2seq)
+    except ValueError as err:
+        if config.target_modules is None:
+            raise ConfigError(f"cannot add a LoRA adapter to this model: {err}") from None
+        names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                        if isinstance(module, torch.nn.Linear)})
+        raise ConfigError(
+            f"--target-modules {','.join(config.target_modules)} matches no module of the "
+            f"model; its linear layers are named {', '.join(names)}"
+        ) from None
+    try:
+        if inspect is not None:
+            inspect(peft_model)
+    finally:
+        peft_model.unload()  # the base model as it was, without LoRA layers
 
 
 def lora_factors(model: torch.nn.Module) -> Iterator[LoraFactors]:

@@ -45,7 +45,7 @@ def _prompt_batches(
     model: PreTrainedModel, encoder: Encoder, examples: list[Example], batch_size: int, desc: str
 ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
     """Left-padded prompt batches, longest first (little padding), with their row indices."""
-    prompts = [encoder.prompt_ids(ex.prompt) for ex in examples]
+    prompts = [encoder.example_ids(ex) for ex in examples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     device = next(model.parameters()).device
     for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, unit="batch"):

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
-from nlora.cli import learn, report
+from nlora.cli import learn, load, report
 from nlora.errors import NloraError
 
-COMMANDS = (learn, report)  # each module's register(subparsers) adds its subcommands
+COMMANDS = (learn, report, load)  # each module's register(subparsers) adds its subcommands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except NloraError as err:
-        print(f"nlora: error: {err}", file=sys.stderr)
+        # an error every process of a multi-process run raised alike is printed by one
+        if not getattr(err, "shared", False) or int(os.environ.get("RANK", "0")) == 0:
+            print(f"nlora: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("nlora: interrupted; rerun the same command to resume", file=sys.stderr)

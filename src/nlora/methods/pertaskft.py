@@ -13,7 +13,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
-from nlora.adapters import lora_config
+from nlora.adapters import check_adapter, lora_config
 from nlora.data import Task
 from nlora.io import write_dir_atomic
 from nlora.methods.base import ContinualMethod
@@ -34,6 +34,9 @@ def activate(model: PeftModel, index: int) -> None:
 
 class PerTaskFT(ContinualMethod):
     name = "pertaskft"
+
+    def check(self, model: PreTrainedModel) -> None:
+        check_adapter(model, self.config, self.is_seq2seq)
 
     def begin_task(self, model: PreTrainedModel, index: int, task: Task) -> torch.nn.Module:
         config = lora_config(self.config, self.is_seq2seq)
