@@ -28,10 +28,14 @@ def _args(model_dir, data_dir, out, *extra):
 
 
 def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0, err
-    assert err.startswith("nlora: error: ") and "Traceback" not in err
-    return err
+    """The error line; anything else on stderr may only be progress bars (model loading)."""
+    text = capsys.readouterr().err.strip()
+    lines = [line.split("\r")[-1] for line in text.split("\n") if line.strip()]
+    bars = [line for line in lines[:-1] if "it/s]" not in line and "batch/s]" not in line]
+    assert not bars, lines
+    assert "Traceback" not in "".join(lines)
+    assert lines[-1].startswith("nlora: error: "), lines
+    return lines[-1]
 
 
 # --- bad input ------------------------------------------------------------------------------
@@ -131,7 +135,7 @@ def test_a_model_typo_does_not_lock_the_folder(tiny_llama_dir, data_dir, tmp_pat
     assert main(_args(tiny_llama_dir, data_dir, out)) == 0  # the corrected command runs
 
 
-def test_an_oversized_subsample_and_left_out_rows_are_logged(tiny_llama_dir, tmp_path, capsys):
+def test_an_oversized_subsample_and_left_out_rows_are_logged(tiny_llama_dir, tmp_path):
     folder = tmp_path / "data" / "SC" / "mini"
     folder.mkdir(parents=True)
     (folder / "labels.json").write_text(json.dumps(["good", "bad"]))
@@ -147,7 +151,6 @@ def test_an_oversized_subsample_and_left_out_rows_are_logged(tiny_llama_dir, tmp
     assert "SC/mini train: left out 3 rows whose label is not in labels.json" in log
     assert "SC/mini train: --train-per-task 100 is more than its 6 rows; using all 6" in log
     assert "SC/mini test: left out 1 rows" in log
-    assert "left out 3 rows" in capsys.readouterr().err  # and on the console
 
 
 # --- the lock -------------------------------------------------------------------------------
@@ -228,13 +231,12 @@ DRIVER = textwrap.dedent("""
     sys.exit(main(sys.argv[1:]))
 """)
 
-KILL_POINTS = [  # each resumes what the previous left; names are checked against run.log
-    "replace:config.yaml:1",  # the run folder's first file
-    "step:3",  # mid-training, task 1
+KILL_POINTS = [  # each resumes what the previous one left
+    "replace:config.yaml:1",  # writing the run folder's first file
+    "step::2",  # task 1's last training step
     "replace:adapter:1",  # saving task 1's adapter (a temporary folder is left)
-    "replace:done.json:1",  # recording task 1
-    "replace:metrics.json:1",  # task 1 recorded, metrics not yet
-    "eval:2",  # evaluating after task 2
+    "replace:done.json:1",  # recording task 1 (its adapter is saved)
+    "eval::2",  # task 1 finished; evaluating after task 2
     "replace:predictions.jsonl:1",  # recording task 2
 ]
 
@@ -262,11 +264,10 @@ def _tree(run: Path) -> dict[str, bytes]:
     return files
 
 
-def test_kill_9_at_seven_moments_then_resume_is_byte_identical(tiny_llama_dir, data_dir,
-                                                               tmp_path):
+def test_kill_9_at_six_moments_then_resume_is_byte_identical(tiny_llama_dir, data_dir,
+                                                             tmp_path):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    done = _cli(tmp_path, _args(tiny_llama_dir, data_dir, whole))
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert main(_args(tiny_llama_dir, data_dir, whole)) == 0
     for point in KILL_POINTS:
         killed = _cli(tmp_path, _args(tiny_llama_dir, data_dir, cut), kill_at=point)
         assert killed.returncode == -signal.SIGKILL, (point, killed.stderr[-2000:])
@@ -281,7 +282,7 @@ def test_kill_9_at_seven_moments_then_resume_is_byte_identical(tiny_llama_dir, d
     log = (cut / "run.log").read_text()
     for leftover in (".config.yaml.", "tasks/01-yelp/.adapter.", "tasks/01-yelp/.done.json.",
                      "tasks/02-agnews/.predictions.jsonl."):
-        assert f"removing {leftover}" in log, leftover
+        assert f"removed {leftover}" in log, leftover
     assert "took over the lock of PID" in log
     assert "restored task 1/2 01-yelp" in log
 

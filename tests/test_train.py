@@ -149,7 +149,8 @@ def test_row_keyed_dropout_follows_the_row_not_the_batch():
     torch.testing.assert_close(alone[0], full[1, :7])
     kept = (full != 0).float().mean()
     assert abs(float(kept) - 0.75) < 0.03  # keep probability 1 - p
-    assert set(full.unique().tolist()) <= {0.0, float(torch.tensor(1 / 0.75))}  # inverted-dropout scaling
+    scaled = float(torch.tensor(1 / 0.75))  # inverted dropout: kept values scaled by 1/(1-p)
+    assert set(full.unique().tolist()) <= {0.0, scaled}
     rows.keys = [11, 22, 33]
     assert not torch.equal(drop(x)[0], drop(x)[1])  # rows differ
     assert torch.equal(drop.eval()(x), x)

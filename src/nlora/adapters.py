@@ -89,9 +89,25 @@ def lora_factors(model: torch.nn.Module) -> Iterator[LoraFactors]:
                 )
 
 
-def save_adapter(model: PeftModel, folder: Path) -> None:
+def save_adapter(model: PeftModel, folder: Path, **options: Any) -> None:
     """PEFT's own format (safetensors), so plain ``PeftModel.from_pretrained`` reads it."""
-    write_dir_atomic(folder, lambda tmp: model.save_pretrained(tmp, safe_serialization=True))
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True, **options)
+        for path in tmp.rglob("adapter_config.json"):
+            sort_config_lists(path)
+
+    write_dir_atomic(folder, fill)
+
+
+def sort_config_lists(path: Path) -> None:
+    """PEFT writes ``target_modules`` (a set) in hash order, which changes from process to
+    process; sorted, the same run writes the same bytes every time (resume checks)."""
+    config = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("target_modules", "modules_to_save", "exclude_modules"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
 
 
 def merge(model: PeftModel) -> PreTrainedModel:

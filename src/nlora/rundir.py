@@ -18,7 +18,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
-import logging
 import os
 import re
 import shutil
@@ -50,7 +49,6 @@ def step_folders(out_dir: Path, tasks: list[Task], joint: bool = False) -> list[
 
 LOCK = ".nlora.lock"
 LOADS_ON = "loads_on.json"  # in a task's adapter/: what the adapter must be loaded on
-log = logging.getLogger("nlora")
 
 
 def _is_leftover(path: Path) -> bool:
@@ -109,6 +107,8 @@ class RunLock:
     def __init__(self, out_dir: Path) -> None:
         self.path = Path(out_dir) / LOCK
         self.fd: int | None = None
+        self.taken_over_from = ""  # the PID line of a dead holder whose lock this took over
+        self.removed: list[str] = []  # temporary files of interrupted runs, removed
 
     def acquire(self) -> None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -123,10 +123,7 @@ class RunLock:
                     "wait for it to finish or choose another --out"
                 ) from None
             raise ConfigError(f"cannot lock {self.path}: {err.strerror}") from None
-        previous = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
-        if previous:
-            log.info("%s: took over the lock of PID %s, which no longer runs", self.path.parent,
-                     previous)
+        self.taken_over_from = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         self.fd = fd
@@ -155,7 +152,7 @@ def open_run_dir(config: RunConfig, out_dir: Path) -> RunLock:
         for leftover in sorted(out_dir.rglob(".*.tmp")):
             if not leftover.exists() and not leftover.is_symlink():
                 continue  # inside a leftover folder already removed
-            log.info("removing %s, left by an interrupted run", leftover.relative_to(out_dir))
+            lock.removed.append(str(leftover.relative_to(out_dir)))
             if leftover.is_dir() and not leftover.is_symlink():
                 shutil.rmtree(leftover)
             else:

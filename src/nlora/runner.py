@@ -179,6 +179,26 @@ def _on_main(accelerator: Accelerator, action: Callable[[], Any]) -> Any:
     return result
 
 
+def _local_main_first(accelerator: Accelerator, action: Callable[[], Any]) -> Any:
+    """``action`` on each machine's main process first (it may fill a cache), then on the
+    others; an error in any first one stops every process (none waits forever)."""
+    result, message = None, None
+    if accelerator.is_local_main_process:
+        try:
+            result = action()
+        except NloraError as err:
+            if accelerator.num_processes == 1:
+                raise
+            message = str(err)
+    if accelerator.num_processes > 1:
+        messages = [m for m in gather_object([message]) if m]
+        if messages:
+            raise ConfigError(messages[0])
+    if not accelerator.is_local_main_process:
+        result = action()
+    return result
+
+
 def run(config: RunConfig, out_dir: Path) -> dict[str, Any]:
     """Run (or resume) the continual sequence in ``out_dir``; return metrics.json's content.
 
@@ -190,17 +210,14 @@ def run(config: RunConfig, out_dir: Path) -> dict[str, Any]:
     level = logger.level
     if not is_main_process():  # the console shows one process's progress
         logger.setLevel(logging.ERROR)
-        os.environ["TQDM_DISABLE"] = "1"
     lock, handler = None, None
     try:
         config.validate()
         accelerator = make_accelerator(config.precision)
         micro_batch_size(config.batch_size, config.grad_accum, accelerator.num_processes)
-        if accelerator.is_main_process:
-            check_out_dir(config, out_dir)
+        _on_main(accelerator, lambda: check_out_dir(config, out_dir))
         tasks = load_tasks(config)
-        with accelerator.local_main_process_first():  # one process fills the model cache
-            backbone = load_backbone(config.model)
+        backbone = _local_main_first(accelerator, lambda: load_backbone(config.model))
         encoder = Encoder(backbone.tokenizer, backbone.is_seq2seq, config.max_source_length,
                           config.truncation)
         method = get_method(config.method)(config, backbone.is_seq2seq)
@@ -209,6 +226,11 @@ def run(config: RunConfig, out_dir: Path) -> dict[str, Any]:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             handler = _attach_log_file(out_dir)
+            if lock.taken_over_from:
+                log.info("took over the lock of PID %s, which no longer runs",
+                         lock.taken_over_from)
+            for leftover in lock.removed:
+                log.info("removed %s, left by an interrupted run", leftover)
         _log_data_notes(tasks)
         return _run(config, out_dir, tasks, accelerator, backbone, encoder, method)
     except NloraError as err:

@@ -7,6 +7,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 from nlora.cli import learn, load, report
@@ -36,6 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # an error every process of a multi-process run raised alike is printed by one
         if not getattr(err, "shared", False) or int(os.environ.get("RANK", "0")) == 0:
             print(f"nlora: error: {err}", file=sys.stderr)
+        else:  # let the main process print before a launcher stops the group on our exit
+            time.sleep(2)
         return 2
     except KeyboardInterrupt:
         print("nlora: interrupted; rerun the same command to resume", file=sys.stderr)
