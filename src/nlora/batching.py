@@ -7,7 +7,7 @@ Over-long prompts (``truncation``): ``text`` (default) removes tokens from the m
 example's own text, so the header, instruction, options and ``Answer:`` stay, as do the
 text's beginning and end (where these benchmarks put the question: BoolQA starts with it);
 ``head`` keeps the first ``max_source_length`` tokens, as the released O-LoRA/N-LoRA code
-(the tokenizer's own truncation); ``tail`` keeps the last ones (nlora before 0.2).
+(the tokenizer's own truncation); ``tail`` keeps the last ones (nlora's earlier behaviour).
 """
 
 from __future__ import annotations
