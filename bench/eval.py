@@ -53,7 +53,7 @@ def reference_generate(
     model.eval()
     outputs = []
     for start in range(0, len(examples), batch_size):
-        prompts = [encoder.prompt_ids(ex.prompt) for ex in examples[start : start + batch_size]]
+        prompts = [encoder.example_ids(ex) for ex in examples[start : start + batch_size]]
         batch = encoder.collate_prompts(prompts)
         out = model.generate(
             **batch, max_new_tokens=REFERENCE_NEW_TOKENS, do_sample=False, num_beams=1,

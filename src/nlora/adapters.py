@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from safetensors import safe_open
 from transformers import PreTrainedModel
 
 from nlora.config import RunConfig
+from nlora.errors import ConfigError
 from nlora.io import write_dir_atomic
 from nlora.param_metrics import LoraUpdate
 
@@ -47,6 +48,32 @@ def add_adapter(model: PreTrainedModel, config: RunConfig, is_seq2seq: bool) -> 
     return get_peft_model(model, lora_config(config, is_seq2seq))
 
 
+def check_adapter(
+    model: PreTrainedModel,
+    config: RunConfig,
+    is_seq2seq: bool,
+    inspect: Callable[[PeftModel], None] | None = None,
+) -> None:
+    """Build the run's adapter on ``model`` (and let ``inspect`` look at it), then remove it:
+    a bad ``--target-modules`` or adapter option fails here, before any run folder exists."""
+    try:
+        peft_model = add_adapter(model, config, is_seq2seq)
+    except ValueError as err:
+        if config.target_modules is None:
+            raise ConfigError(f"cannot add a LoRA adapter to this model: {err}") from None
+        names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                        if isinstance(module, torch.nn.Linear)})
+        raise ConfigError(
+            f"--target-modules {','.join(config.target_modules)} matches no module of the "
+            f"model; its linear layers are named {', '.join(names)}"
+        ) from None
+    try:
+        if inspect is not None:
+            inspect(peft_model)
+    finally:
+        peft_model.unload()  # the base model as it was, without LoRA layers
+
+
 def lora_factors(model: torch.nn.Module) -> Iterator[LoraFactors]:
     """The active adapter's factors in every adapted module of ``model``."""
     for name, module in model.named_modules():
@@ -62,9 +89,25 @@ def lora_factors(model: torch.nn.Module) -> Iterator[LoraFactors]:
                 )
 
 
-def save_adapter(model: PeftModel, folder: Path) -> None:
+def save_adapter(model: PeftModel, folder: Path, **options: Any) -> None:
     """PEFT's own format (safetensors), so plain ``PeftModel.from_pretrained`` reads it."""
-    write_dir_atomic(folder, lambda tmp: model.save_pretrained(tmp, safe_serialization=True))
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True, **options)
+        for path in tmp.rglob("adapter_config.json"):
+            sort_config_lists(path)
+
+    write_dir_atomic(folder, fill)
+
+
+def sort_config_lists(path: Path) -> None:
+    """PEFT writes ``target_modules`` (a set) in hash order, which changes from process to
+    process; sorted, the same run writes the same bytes every time (resume checks)."""
+    config = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("target_modules", "modules_to_save", "exclude_modules"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
 
 
 def merge(model: PeftModel) -> PreTrainedModel:

@@ -1,8 +1,13 @@
 """Token ids for prompts and labels, and padded batches for training and generation.
 
 Causal models train on prompt + label + EOS with the loss on label + EOS only; seq2seq
-models read the prompt in the encoder and produce label + EOS. Over-long prompts lose
-their beginning, so the task text's end and ``Answer:`` always survive.
+models read the prompt in the encoder and produce label + EOS.
+
+Over-long prompts (``truncation``): ``text`` (default) removes tokens from the middle of the
+example's own text, so the header, instruction, options and ``Answer:`` stay, as do the
+text's beginning and end (where these benchmarks put the question: BoolQA starts with it);
+``head`` keeps the first ``max_source_length`` tokens, as the released O-LoRA/N-LoRA code
+(the tokenizer's own truncation); ``tail`` keeps the last ones (nlora's earlier behaviour).
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from nlora.config import MIN_SOURCE_LENGTH, TRUNCATIONS
 from nlora.data import Example
+from nlora.errors import ConfigError
 
 IGNORE_INDEX = -100  # positions the loss skips
 
@@ -23,17 +30,48 @@ class Encoder:
         tokenizer: PreTrainedTokenizerBase,
         is_seq2seq: bool,
         max_source_length: int = 512,
+        truncation: str = "text",
     ) -> None:
-        if max_source_length < 8:
-            raise ValueError(f"max_source_length must be at least 8, got {max_source_length}")
+        if max_source_length < MIN_SOURCE_LENGTH:
+            raise ConfigError(
+                f"--max-source-length must be at least {MIN_SOURCE_LENGTH}, got {max_source_length}"
+            )
+        if truncation not in TRUNCATIONS:
+            raise ConfigError(f"--truncation must be one of {', '.join(TRUNCATIONS)}")
+        if truncation == "text" and not tokenizer.is_fast:
+            raise ConfigError(
+                "--truncation text needs a fast tokenizer (character offsets); this model's is "
+                "slow: use --truncation head or tail"
+            )
         self.tokenizer = tokenizer
         self.is_seq2seq = is_seq2seq
         self.max_source_length = max_source_length
+        self.truncation = truncation
         self.pad_id = tokenizer.pad_token_id
         self.eos_id = tokenizer.eos_token_id
 
-    def prompt_ids(self, prompt: str) -> list[int]:
-        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    def prompt_ids(self, prompt: str, text: str | None = None) -> list[int]:
+        """Token ids of ``prompt``, at most ``max_source_length`` of them.
+
+        ``text`` is the example's own text inside the prompt (``Example.sentence``): with
+        ``truncation="text"`` an over-long prompt loses tokens from its middle only. Without
+        it (or when the prompt does not contain it) the prompt's end is kept, as ``tail``.
+        """
+        if self.truncation == "head":
+            return self.tokenizer(
+                prompt, add_special_tokens=True, truncation=True,
+                max_length=self.max_source_length,
+            )["input_ids"]
+        if self.truncation == "text" and text:
+            start = prompt.rfind(text)  # the text follows the header and the instruction
+            if start >= 0:
+                return self._cut_text(prompt, start, start + len(text))
+        return self._keep_tail(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+    def example_ids(self, example: Example) -> list[int]:
+        return self.prompt_ids(example.prompt, example.sentence)
+
+    def _keep_tail(self, ids: list[int]) -> list[int]:
         if len(ids) <= self.max_source_length:
             return ids
         bos = self.tokenizer.bos_token_id
@@ -41,11 +79,30 @@ class Encoder:
             return [bos] + ids[len(ids) - self.max_source_length + 1 :]
         return ids[len(ids) - self.max_source_length :]
 
+    def _cut_text(self, prompt: str, start: int, end: int) -> list[int]:
+        encoded = self.tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)
+        ids = encoded["input_ids"]
+        excess = len(ids) - self.max_source_length
+        if excess <= 0:
+            return ids
+        # tokens wholly inside the text; special tokens have empty (0, 0) offsets
+        inside = [
+            k for k, (a, b) in enumerate(encoded["offset_mapping"]) if start <= a and b <= end
+            and b > a
+        ]
+        if len(inside) <= excess:  # the rest alone is too long: drop the text, keep the end
+            drop = set(inside)
+            return self._keep_tail([t for k, t in enumerate(ids) if k not in drop])
+        keep = len(inside) - excess
+        head = (keep + 1) // 2  # the text's first and last tokens survive, its middle goes
+        drop = set(inside[head : head + excess])
+        return [t for k, t in enumerate(ids) if k not in drop]
+
     def label_ids(self, label: str) -> list[int]:
         return self.tokenizer(label, add_special_tokens=False)["input_ids"]
 
     def train_features(self, example: Example) -> dict[str, list[int]]:
-        prompt = self.prompt_ids(example.prompt)
+        prompt = self.example_ids(example)
         target = self.label_ids(example.label) + [self.eos_id]
         if self.is_seq2seq:
             return {"input_ids": prompt, "labels": target}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ DEFAULT_L1_LAMBDA = 1e-4
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 TRUNCATIONS = ("text", "head", "tail")
+MIN_SOURCE_LENGTH = 8  # room for a BOS, a few text tokens and "Answer:"
 
 # Where the ℓ1 penalty goes (paper Fig. 6 ablations, plus the released code's r x r form).
 L1_PLACEMENTS = ("deltaw", "a", "b", "a+b", "reference")
@@ -28,6 +30,31 @@ METHOD_DEFAULTS: dict[str, dict[str, float]] = {
 }
 
 PerTask = float | list[float]
+
+
+def _check(
+    flag: str,
+    value: Any,
+    low: float,
+    above: bool = False,
+    high: float | None = None,
+    high_inclusive: bool = False,
+) -> None:
+    """A finite number >= low (> low when ``above``), < high (<= when ``high_inclusive``)."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if above else value >= low)
+    if ok and high is not None:
+        ok = value <= high if high_inclusive else value < high
+    if not ok:
+        bounds = f"{'>' if above else '>='} {low:g}"
+        if high is not None:
+            bounds += f" and {'<=' if high_inclusive else '<'} {high:g}"
+        raise ConfigError(f"{flag} must be a finite number {bounds}, got {value}")
+
+
+def _whole(flag: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{flag} must be a whole number of at least {low}, got {value}")
 
 
 @dataclass
@@ -90,32 +117,48 @@ class RunConfig:
         return value
 
     def validate(self) -> None:
+        """Refuse any out-of-range option with a line naming it (before anything runs)."""
         if not self.tasks:
             raise ConfigError("no tasks: pass --order NAME or --tasks a,b,c")
         if len(set(self.tasks)) != len(self.tasks):
             raise ConfigError(f"a task appears twice in {', '.join(self.tasks)}")
-        for name in ("l1_lambda", "learning_rate", "epochs"):
-            for i in range(len(self.tasks)):
-                self.per_task(name, i)
-        if self.lora_r < 1:
-            raise ConfigError(f"--lora-r must be at least 1, got {self.lora_r}")
-        if self.batch_size < 1 or self.eval_batch_size < 1:
-            raise ConfigError("batch sizes must be at least 1")
+        for i in range(len(self.tasks)):
+            _check("--lr", self.per_task("learning_rate", i), low=0, above=True)
+            _check("--l1-lambda", self.per_task("l1_lambda", i), low=0)
+            epochs = self.per_task("epochs", i)
+            if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+                raise ConfigError(f"--epochs must be a whole number of at least 1, got {epochs}")
+        _whole("--lora-r", self.lora_r, 1)
+        _check("--lora-alpha", self.lora_alpha, low=0, above=True)
+        _check("--lora-dropout", self.lora_dropout, low=0, high=1)
+        modules = self.target_modules
+        if modules is not None and (not modules or not all(isinstance(m, str) and m
+                                                           for m in modules)):
+            raise ConfigError("--target-modules must name at least one module")
+        _whole("--batch-size", self.batch_size, 1)
+        _whole("--eval-batch-size", self.eval_batch_size, 1)
+        _check("--weight-decay", self.weight_decay, low=0)
+        _whole("--max-source-length", self.max_source_length, MIN_SOURCE_LENGTH)
+        for flag, value in (("--train-per-task", self.train_per_task),
+                            ("--test-per-task", self.test_per_task)):
+            if value is not None:
+                _whole(flag, value, 1)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not (
+            0 <= self.seed < 2**31
+        ):
+            raise ConfigError(f"--seed must be a whole number in [0, 2^31), got {self.seed}")
         if self.l1_on not in L1_PLACEMENTS:
             raise ConfigError(
                 f"--l1-on must be one of {', '.join(L1_PLACEMENTS)}, got {self.l1_on!r}"
             )
-        if not 0 < self.replay_fraction <= 1:
-            raise ConfigError(f"--replay-fraction must be in (0, 1], got {self.replay_fraction}")
-        if self.lwf_temperature <= 0:
-            raise ConfigError(f"--lwf-temperature must be positive, got {self.lwf_temperature}")
+        _check("--replay-fraction", self.replay_fraction, low=0, above=True, high=1,
+               high_inclusive=True)
+        _check("--lwf-temperature", self.lwf_temperature, low=0, above=True)
         for name in ("olora_lambda1", "olora_lambda2", "ewc_lambda", "lwf_alpha"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be non-negative")
-        if self.grad_accum < 1:
-            raise ConfigError(f"--grad-accum must be at least 1, got {self.grad_accum}")
-        if self.max_grad_norm is not None and not self.max_grad_norm >= 0:
-            raise ConfigError(f"--max-grad-norm must be >= 0 (0: off), got {self.max_grad_norm}")
+            _check(f"--{name.replace('_', '-')}", getattr(self, name), low=0)
+        _whole("--grad-accum", self.grad_accum, 1)
+        if self.max_grad_norm is not None:
+            _check("--max-grad-norm", self.max_grad_norm, low=0)
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}")
         if self.truncation not in TRUNCATIONS:

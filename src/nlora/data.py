@@ -66,6 +66,10 @@ def data_dir_from(option: str | os.PathLike | None) -> Path:
     return path
 
 
+class TaskNotFound(DataError):
+    """No folder of the data directory matches a task name."""
+
+
 @dataclass(frozen=True)
 class Example:
     sentence: str
@@ -84,6 +88,8 @@ class Task:
     train: list[Example] = field(default_factory=list)
     test: list[Example] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)  # split -> rows left out
+    # split -> (rows asked for, rows there) when a subsample asked for more than the split has
+    capped: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def short_name(self) -> str:
@@ -126,7 +132,7 @@ def resolve_task(data_dir: Path, name: str) -> tuple[str, str]:
         options = ", ".join(f"{c}/{d}" for c, d in candidates)
         raise DataError(f"task {name!r} is ambiguous in {data_dir}: use one of {options}")
     if not candidates:
-        raise DataError(f"task {name!r} not found in {data_dir} (expected CATEGORY/DATASET/)")
+        raise TaskNotFound(f"task {name!r} not found in {data_dir} (expected CATEGORY/DATASET/)")
     return candidates[0]
 
 
@@ -135,10 +141,11 @@ def _subdirs(path: Path) -> list[Path]:
 
 
 def task_is_available(data_dir: Path, name: str) -> bool:
-    """True when the task resolves and has both a train and a test split."""
+    """True when the task resolves and has both a train and a test split (a name found in
+    several categories is an error: ambiguous)."""
     try:
         category, dataset = resolve_task(data_dir, name)
-    except DataError:
+    except TaskNotFound:
         return False
     folder = data_dir / category / dataset
     return (folder / "train.json").is_file() and (folder / "test.json").is_file()
@@ -147,9 +154,17 @@ def task_is_available(data_dir: Path, name: str) -> bool:
 def _read_json(path: Path) -> object:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
+    raw = path.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise DataError(f"{path}: starts with a UTF-8 byte-order mark; save it without one")
     try:
-        with path.open(encoding="utf-8") as handle:
-            return json.load(handle)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{path}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start})"
+        ) from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: malformed JSON at line {err.lineno} column {err.colno}") from None
 
@@ -158,6 +173,13 @@ def read_labels(path: Path) -> list[str]:
     labels = _read_json(path)
     if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
         raise DataError(f"{path}: expected a non-empty JSON list of label strings")
+    for index, label in enumerate(labels):
+        if not label.strip():
+            raise DataError(f"{path}: label {index} is empty")
+        if "\ufeff" in label:
+            raise DataError(f"{path}: label {index} ({label!r}) holds a byte-order mark")
+        if label.strip() in (x.strip() for x in labels[:index]):
+            raise DataError(f"{path}: label {label!r} is listed twice")
     return labels
 
 
@@ -222,6 +244,8 @@ def load_task(
     sizes = {"train": train_per_task, "test": test_per_task}
     for split in splits:
         rows, skipped = read_split(folder / f"{split}.json", labels)
+        if sizes[split] is not None and sizes[split] > len(rows):
+            task.capped[split] = (sizes[split], len(rows))
         rows = stratified_sample(rows, sizes[split], seed)
         prompt = lambda sentence: build_prompt(category, dataset, labels, sentence)  # noqa: E731
         examples = [Example(r["sentence"], r["label"], prompt(r["sentence"])) for r in rows]

@@ -77,7 +77,7 @@ def _prompt_batches(
     Where the task's shared prefix is cached, a batch is ``[prefix | padding | own tokens]``
     and comes with a fresh copy of the prefix cache (else None).
     """
-    prompts = [encoder.prompt_ids(ex.prompt) for ex in examples]
+    prompts = [encoder.example_ids(ex) for ex in examples]
     prefix = build_prefix_cache(model, prompts, encoder.max_source_length) if prefix_cache else None
     device = next(model.parameters()).device
     plan = plan_prompt_batches(prompts, batch_size, prefix)

@@ -24,7 +24,7 @@ from nlora.param_metrics import (
     MatrixNorm,
     ThresholdMode,
 )
-from nlora.rundir import load_task_updates
+from nlora.rundir import load_task_updates, require_run_dir
 
 
 @dataclass
@@ -112,12 +112,14 @@ def write_report(
 ) -> Path:
     """Analyse ``runs`` and write the report into the folder ``out``; return report.md's path."""
     opts = options or ReportOptions()
-    runs = [Path(p) for p in runs]
-    missing = [str(p) for p in runs if not p.is_dir()]
-    if missing:
-        raise ConfigError(f"not a run directory: {', '.join(missing)}")
+    runs = [require_run_dir(p) for p in runs]  # only finished tasks are read from each
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; the report needs a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create --out {out}: {err.strerror}") from None
     names = _unique_names(runs)
     results = []
     for path, name in zip(runs, names, strict=True):

@@ -1,19 +1,27 @@
-"""The run folder: its layout, the config check on resume, what is finished, reading it back.
+"""The run folder: its layout, the config check on resume, the lock, what is finished, reading
+it back.
 
 Layout::
 
     RUN/config.yaml            resolved settings (a different config is refused on resume)
+    RUN/.nlora.lock            held (flock) by the run using the folder; holds its PID
     RUN/run.log                log of every run and resume
     RUN/metrics.json           accuracy matrix + AA / F.Ra / BWT, rewritten after each task
-    RUN/tasks/NN-dataset/      one per finished task: adapter/ (PEFT) or the method's own
-                               files, predictions.jsonl, done.json (written last: marks
-                               the task finished); a joint method (mtl) has one 01-joint/
+    RUN/tasks/NN-dataset/      one per finished task: adapter/ (PEFT, with loads_on.json:
+                               what it must be loaded on) or the method's own files,
+                               predictions.jsonl, done.json (written last: marks the task
+                               finished); a joint method (mtl) has one 01-joint/
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import os
 import re
+import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +47,45 @@ def step_folders(out_dir: Path, tasks: list[Task], joint: bool = False) -> list[
     return [task_folder(out_dir, j, task) for j, task in enumerate(tasks)]
 
 
-def prepare_run_dir(config: RunConfig, out_dir: Path) -> None:
-    """Create ``out_dir`` with config.yaml, or check that it was made by the same config."""
+LOCK = ".nlora.lock"
+LOADS_ON = "loads_on.json"  # in a task's adapter/: what the adapter must be loaded on
+
+
+def _is_leftover(path: Path) -> bool:
+    """nlora's own bookkeeping: the lock, or a temporary file/folder of an atomic write."""
+    return path.name == LOCK or (path.name.startswith(".") and path.name.endswith(".tmp"))
+
+
+def check_out_dir(config: RunConfig, out_dir: Path) -> None:
+    """Refuse an unusable ``--out`` before any work (creates nothing).
+
+    A file, a folder holding something other than an nlora run, a run of another config, or
+    a place that cannot be written are refused with a line naming the folder.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} is a file, not a folder; choose another --out")
+    if out_dir.is_dir():
+        _check_config(config, out_dir)
+        if not os.access(out_dir, os.W_OK | os.X_OK):
+            raise ConfigError(f"cannot write to --out {out_dir}: permission denied")
+        return
+    parent = out_dir.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"cannot create --out {out_dir}: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot create --out {out_dir}: {parent} is not writable")
+
+
+def _check_config(config: RunConfig, out_dir: Path) -> None:
     saved = out_dir / "config.yaml"
     if saved.is_file():
-        previous = RunConfig.from_yaml(saved)
+        try:
+            previous = RunConfig.from_yaml(saved)
+        except (ConfigError, TypeError, ValueError, yaml.YAMLError) as err:
+            raise ConfigError(f"{saved} is not a readable nlora config ({err})") from None
         changed = previous.differences(config)
         if changed:
             raise ConfigError(
@@ -51,9 +93,90 @@ def prepare_run_dir(config: RunConfig, out_dir: Path) -> None:
                 "use another --out or the same options to resume"
             )
         return
-    if out_dir.exists() and any(out_dir.iterdir()):
+    if any(not _is_leftover(p) for p in out_dir.iterdir()):
         raise ConfigError(f"{out_dir} is not empty and holds no nlora run; choose another --out")
-    write_text_atomic(saved, config.to_yaml())
+
+
+class RunLock:
+    """An exclusive lock on a run folder: ``flock`` on RUN/.nlora.lock, which holds the PID.
+
+    The kernel drops a flock when its process dies (even by kill -9), so the lock of a dead
+    run is simply taken over; a live holder makes ``acquire`` refuse, naming its PID.
+    """
+
+    def __init__(self, out_dir: Path) -> None:
+        self.path = Path(out_dir) / LOCK
+        self.fd: int | None = None
+        self.taken_over_from = ""  # the PID line of a dead holder whose lock this took over
+        self.removed: list[str] = []  # temporary files of interrupted runs, removed
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown PID"
+            os.close(fd)
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise ConfigError(
+                    f"{self.path.parent} is in use by another nlora run (PID {holder}); "
+                    "wait for it to finish or choose another --out"
+                ) from None
+            raise ConfigError(f"cannot lock {self.path}: {err.strerror}") from None
+        self.taken_over_from = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)  # an empty lock file: nobody to take over from
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def open_run_dir(config: RunConfig, out_dir: Path) -> RunLock:
+    """Create (or reopen) ``out_dir``, lock it, check its config, remove the temporary files
+    an interrupted run left, and write config.yaml if it is new. Returns the held lock."""
+    out_dir = Path(out_dir)
+    check_out_dir(config, out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create --out {out_dir}: {err.strerror}") from None
+    lock = RunLock(out_dir)
+    lock.acquire()
+    try:
+        _check_config(config, out_dir)  # again, now that nobody else can write here
+        for leftover in sorted(out_dir.rglob(".*.tmp")):
+            if not leftover.exists() and not leftover.is_symlink():
+                continue  # inside a leftover folder already removed
+            lock.removed.append(str(leftover.relative_to(out_dir)))
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover)
+            else:
+                leftover.unlink(missing_ok=True)
+        if not (out_dir / "config.yaml").is_file():
+            write_text_atomic(out_dir / "config.yaml", config.to_yaml())
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def is_run_dir(path: Path | str) -> bool:
+    return (Path(path) / "config.yaml").is_file()
+
+
+def require_run_dir(path: Path | str) -> Path:
+    """``path`` if it is an nlora run folder, else a one-line error."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"{path} is not a folder (expected an nlora run folder)")
+    if not is_run_dir(path):
+        raise ConfigError(f"{path} is not an nlora run folder (no config.yaml)")
+    return path
 
 
 def finished_tasks(out_dir: Path, tasks: list[Task], joint: bool = False) -> int:

@@ -15,25 +15,41 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, is_tensorboard_available, set_seed
+from accelerate.state import AcceleratorState
+from accelerate.utils import (
+    broadcast_object_list,
+    gather_object,
+    is_tensorboard_available,
+    set_seed,
+)
 
 from nlora.batching import Encoder
 from nlora.config import RunConfig
 from nlora.data import Task, load_task
-from nlora.errors import ConfigError
+from nlora.errors import ConfigError, NloraError
 from nlora.evaluate import Prediction, accuracy, predict
 from nlora.io import write_json_atomic, write_text_atomic
 from nlora.methods import get_method
-from nlora.model import load_backbone
-from nlora.rundir import collect_metrics, finished_tasks, prepare_run_dir, step_folders
+from nlora.methods.base import ContinualMethod
+from nlora.model import Backbone, load_backbone
+from nlora.rundir import (
+    LOADS_ON,
+    check_out_dir,
+    collect_metrics,
+    finished_tasks,
+    open_run_dir,
+    step_folders,
+)
 from nlora.tables import format_results
-from nlora.train import StepRecord, train_task
+from nlora.train import Diverged, StepRecord, micro_batch_size, train_task
 
 log = logging.getLogger("nlora")
 # Per-step lines go to run.log only (not to the console, where the progress bar shows them).
@@ -77,21 +93,87 @@ def _tracker_config(config: RunConfig) -> dict[str, Any]:
     return out
 
 
+def is_main_process() -> bool:
+    """True in the process that prints and writes (rank 0; always true without a launcher)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def make_accelerator(
+    precision: str = "fp32", report_to: str | None = None, project_dir: Path | None = None
+) -> Accelerator:
+    """Accelerate for this run: its processes, device and mixed precision, checked.
+
+    Several processes on a machine without a GPU run on CPU (gloo). A launch whose
+    processes did not form one group, ``accelerate launch --cpu --num_processes N`` (which
+    starts a single process) and fp16 on CPU (which Accelerate silently runs in fp32) are
+    refused.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.cuda.is_available():
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+    options = {"mixed_precision": mixed, "log_with": report_to, "project_dir": project_dir}
+    try:
+        accelerator = Accelerator(**options)
+    except ValueError as err:
+        if "already been initialized" not in str(err) or world > 1:
+            raise ConfigError(f"--precision {precision}: {err}") from None
+        AcceleratorState._reset_state()  # a second run in one process, at another precision
+        accelerator = Accelerator(**options)
+    if accelerator.num_processes != world:
+        raise ConfigError(
+            f"{world} processes were launched but Accelerate sees {accelerator.num_processes}; "
+            "on CPU set ACCELERATE_USE_CPU=true (docs: README, several processes)"
+        )
+    single_cpu_launch = (
+        world == 1 and "MASTER_ADDR" in os.environ
+        and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+        and not any(v in os.environ for v in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
+    )
+    if single_cpu_launch:
+        raise ConfigError(
+            "accelerate launch --cpu starts a single process whatever --num_processes says "
+            "(Accelerate runs several CPU processes only through MPI); start N processes with "
+            "torchrun --nproc_per_node N -m nlora.cli run ..."
+        )
+    if precision == "fp16" and accelerator.device.type == "cpu":
+        raise ConfigError(
+            "--precision fp16 needs a GPU (on CPU Accelerate would silently train in fp32); "
+            "use --precision bf16 or fp32"
+        )
+    return accelerator
+
+
 def load_tasks(config: RunConfig) -> list[Task]:
     """Read and validate every task before any training, so bad data fails up front."""
-    tasks = []
-    for name in config.tasks:
-        task = load_task(
-            Path(config.data_dir), name, config.train_per_task, config.test_per_task, config.seed
-        )
+    return [
+        load_task(Path(config.data_dir), name, config.train_per_task, config.test_per_task,
+                  config.seed)
+        for name in config.tasks
+    ]
+
+
+def _log_data_notes(tasks: list[Task]) -> None:
+    for task in tasks:
         for split, count in task.skipped.items():
             if count:
-                log.warning(
-                    "%s %s: left out %d rows whose label is not in labels.json",
-                    task.name, split, count,
-                )
-        tasks.append(task)
-    return tasks
+                log.warning("%s %s: left out %d rows whose label is not in labels.json",
+                            task.name, split, count)
+        for split, (asked, there) in task.capped.items():
+            flag = "--train-per-task" if split == "train" else "--test-per-task"
+            log.warning("%s %s: %s %d is more than its %d rows; using all %d",
+                        task.name, split, flag, asked, there, there)
+
+
+def _eval_share(
+    encoder: Encoder, examples: list[Any], batch_size: int, rank: int, processes: int
+) -> list[int]:
+    """This process's test rows: whole length-sorted batches, dealt out in turn, so every row
+    is evaluated in the same batch (same padding, same neighbours) on any process count."""
+    lengths = [len(encoder.example_ids(ex)) for ex in examples]
+    order = sorted(range(len(examples)), key=lambda i: lengths[i], reverse=True)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    return [i for batch in batches[rank::processes] for i in batch]
 
 
 def evaluate_tasks(
@@ -110,16 +192,55 @@ def evaluate_tasks(
     for i in indices:
         task = tasks[i]
         eval_model = method.eval_model(model, i)
-        positions = list(range(len(task.test)))
-        with accelerator.split_between_processes(positions) as mine:
-            preds = predict(
-                eval_model, encoder, [task.test[k] for k in mine], task.labels, batch_size,
-                mode, desc=f"eval {task.dataset}", prefix_cache=prefix_cache,
-            )
-            preds = [Prediction(mine[p.index], p.prediction, p.label) for p in preds]
-        preds = sorted(gather_object(preds), key=lambda p: p.index)
-        results[i] = preds
+        mine = _eval_share(encoder, task.test, batch_size, accelerator.process_index,
+                           accelerator.num_processes)
+        preds = predict(
+            eval_model, encoder, [task.test[k] for k in mine], task.labels, batch_size,
+            mode, desc=f"eval {task.dataset}", prefix_cache=prefix_cache,
+        )
+        preds = [Prediction(mine[p.index], p.prediction, p.label) for p in preds]
+        if accelerator.num_processes > 1:
+            preds = gather_object(preds)
+        results[i] = sorted(preds, key=lambda p: p.index)
     return results
+
+
+def _on_main(accelerator: Accelerator, action: Callable[[], Any]) -> Any:
+    """Run ``action`` on the main process only; an error there stops every process."""
+    result, message = None, None
+    if accelerator.is_main_process:
+        try:
+            result = action()
+        except NloraError as err:
+            message = str(err)
+            if accelerator.num_processes == 1:
+                raise
+    if accelerator.num_processes > 1:
+        box = [message]
+        broadcast_object_list(box, from_process=0)
+        if box[0] is not None:
+            raise ConfigError(box[0])
+    return result
+
+
+def _local_main_first(accelerator: Accelerator, action: Callable[[], Any]) -> Any:
+    """``action`` on each machine's main process first (it may fill a cache), then on the
+    others; an error in any first one stops every process (none waits forever)."""
+    result, message = None, None
+    if accelerator.is_local_main_process:
+        try:
+            result = action()
+        except NloraError as err:
+            if accelerator.num_processes == 1:
+                raise
+            message = str(err)
+    if accelerator.num_processes > 1:
+        messages = [m for m in gather_object([message]) if m]
+        if messages:
+            raise ConfigError(messages[0])
+    if not accelerator.is_local_main_process:
+        result = action()
+    return result
 
 
 def run(config: RunConfig, out_dir: Path | str, report_to: str | None = None) -> dict[str, Any]:
@@ -128,45 +249,78 @@ def run(config: RunConfig, out_dir: Path | str, report_to: str | None = None) ->
     ``report_to="tensorboard"`` also logs the curves to ``out_dir/tensorboard`` (needs the
     optional ``tensorboard`` package). It is not part of the config: a run resumes with or
     without it.
+
+    Everything is checked (options, processes, data, model, adapter, the folder) before the
+    folder is created; the folder is locked while the run uses it.
     """
-    config.validate()
-    get_method(config.method)  # an unknown method fails before the run folder is made
-    check_report_to(report_to)
     out_dir = Path(out_dir).resolve()
-    accelerator = Accelerator(log_with=report_to, project_dir=out_dir if report_to else None)
-    tasks = load_tasks(config)
-    if accelerator.is_main_process:
-        prepare_run_dir(config, out_dir)
-    accelerator.wait_for_everyone()
-    handler = _attach_log_file(out_dir) if accelerator.is_main_process else None
-    if report_to:
-        accelerator.init_trackers(TRACKER_PROJECT, config=_tracker_config(config))
+    logger = logging.getLogger("nlora")
+    level = logger.level
+    if not is_main_process():  # the console shows one process's progress
+        logger.setLevel(logging.ERROR)
+    lock, handler, accelerator = None, None, None
     try:
-        return _run(config, out_dir, tasks, accelerator)
-    finally:
+        config.validate()
+        check_report_to(report_to)
+        accelerator = make_accelerator(config.precision, report_to,
+                                       out_dir if report_to else None)
+        micro_batch_size(config.batch_size, config.grad_accum, accelerator.num_processes)
+        _on_main(accelerator, lambda: check_out_dir(config, out_dir))
+        tasks = load_tasks(config)
+        backbone = _local_main_first(accelerator, lambda: load_backbone(config.model))
+        encoder = Encoder(backbone.tokenizer, backbone.is_seq2seq, config.max_source_length,
+                          config.truncation)
+        method = get_method(config.method)(config, backbone.is_seq2seq)
+        method.check(backbone.model)
+        lock = _on_main(accelerator, lambda: open_run_dir(config, out_dir))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            handler = _attach_log_file(out_dir)
+            if lock.taken_over_from:
+                log.info("took over the lock of PID %s, which no longer runs",
+                         lock.taken_over_from)
+            for leftover in lock.removed:
+                log.info("removed %s, left by an interrupted run", leftover)
+        _log_data_notes(tasks)
         if report_to:
+            accelerator.init_trackers(TRACKER_PROJECT, config=_tracker_config(config))
+        return _run(config, out_dir, tasks, accelerator, backbone, encoder, method)
+    except NloraError as err:
+        err.shared = True  # raised alike on every process: the CLI prints it once
+        raise
+    finally:
+        if report_to and accelerator is not None:
             accelerator.end_training()
         if handler is not None:
-            for logger in (logging.getLogger("nlora"), step_log):
-                logger.removeHandler(handler)
+            for each in (logger, step_log):
+                each.removeHandler(handler)
             handler.close()
+        if lock is not None:
+            lock.release()
+        logger.setLevel(level)
 
 
 def _run(
-    config: RunConfig, out_dir: Path, tasks: list[Task], accelerator: Accelerator
+    config: RunConfig,
+    out_dir: Path,
+    tasks: list[Task],
+    accelerator: Accelerator,
+    backbone: Backbone,
+    encoder: Encoder,
+    method: ContinualMethod,
 ) -> dict[str, Any]:
-    backbone = load_backbone(config.model)
     model = backbone.model.to(accelerator.device)
-    encoder = Encoder(backbone.tokenizer, backbone.is_seq2seq, config.max_source_length)
-    method = get_method(config.method)(config, backbone.is_seq2seq)
     method.is_main_process = accelerator.is_main_process
     method.encoder = encoder
     joint = method.joint  # multi-task learning: a single step on every task's data
     folders = step_folders(out_dir, tasks, joint)
     done = finished_tasks(out_dir, tasks, joint)
+    processes = accelerator.num_processes
     log.info(
-        "run %s: method %s, model %s, %d tasks (%d finished)",
-        out_dir, config.method, config.model, len(tasks), done,
+        "run %s: method %s, model %s, %d tasks (%d finished); global batch %d = %d process(es)"
+        " x %d micro-batch(es) x %d rows", out_dir, config.method, config.model, len(tasks),
+        done, config.batch_size, processes, config.grad_accum,
+        micro_batch_size(config.batch_size, config.grad_accum, processes),
     )
     global_step = 0  # optimiser steps over the whole sequence, continued on resume
     for j in range(done):
@@ -179,6 +333,7 @@ def _run(
         task, folder = tasks[j], folders[j]
         set_seed(config.seed + j)  # per-task seed: resume reproduces an uninterrupted run
         label = "joint training" if joint else f"task {j + 1}/{len(tasks)} {task.dataset}"
+        learning_rate = float(config.per_task("learning_rate", j))
         model = method.begin_task(model, j, task)
 
         def log_step(record: StepRecord, offset: int = global_step,
@@ -191,17 +346,29 @@ def _run(
             accelerator.log({"train/loss": record.loss, "train/penalty": record.penalty,
                              "train/learning_rate": record.learning_rate}, step=step)
 
-        model, result = train_task(
-            model, method, j, method.train_examples(j, tasks), encoder, accelerator,
-            learning_rate=float(config.per_task("learning_rate", j)),
-            epochs=int(config.per_task("epochs", j)),
-            batch_size=config.batch_size,
-            weight_decay=config.weight_decay,
-            seed=config.seed + j,
-            desc=f"train {label}",
-            group_by_length=config.group_by_length,
-            on_step=log_step,
-        )
+        try:
+            model, result = train_task(
+                model, method, j, method.train_examples(j, tasks), encoder, accelerator,
+                learning_rate=learning_rate,
+                epochs=int(config.per_task("epochs", j)),
+                batch_size=config.batch_size,
+                weight_decay=config.weight_decay,
+                seed=config.seed + j,
+                desc=f"train {label}",
+                group_by_length=config.group_by_length,
+                grad_accum=config.grad_accum,
+                max_grad_norm=config.max_grad_norm or None,
+                on_step=log_step,
+            )
+        except Diverged as err:
+            message = (
+                f"{label} diverged: {err}, with --lr {learning_rate:g} and --l1-lambda "
+                f"{float(config.per_task('l1_lambda', j)):g} (method {config.method}); lower "
+                f"them and rerun with another --out; the {j} finished task(s) in {out_dir} "
+                "are intact"
+            )
+            log.error("%s", message)
+            raise TrainingDiverged(message) from None
         global_step += result.steps
         log.info(
             "%s: %d steps in %.0fs, loss %.4f -> %.4f, penalty %.4g",
@@ -211,6 +378,8 @@ def _run(
         if accelerator.is_main_process:
             folder.mkdir(parents=True, exist_ok=True)
         model = method.end_task(model, j, task, folder)
+        if accelerator.is_main_process:
+            record_adapter_base(out_dir, folder, j, tasks, config, method)
         every = joint or config.eval_on == "all"
         seen = list(range(len(tasks))) if every else list(range(j + 1))
         start = time.perf_counter()
@@ -238,6 +407,31 @@ def _run(
     if accelerator.is_main_process:
         write_json_atomic(out_dir / "metrics.json", metrics)
     return metrics
+
+
+class TrainingDiverged(NloraError):
+    """A task's loss diverged; the message names the run's λ and learning rate."""
+
+
+def record_adapter_base(
+    out_dir: Path, folder: Path, index: int, tasks: list[Task], config: RunConfig,
+    method: ContinualMethod,
+) -> None:
+    """Write ``adapter/loads_on.json``: what the task's adapter must be loaded on."""
+    adapter = folder / "adapter"
+    if not adapter.is_dir():
+        return
+    earlier = step_folders(out_dir, tasks, method.joint)[:index] if method.merges_earlier else []
+    write_json_atomic(adapter / LOADS_ON, {
+        "base_model": config.model,
+        "merge_first": [str((f / "adapter").relative_to(out_dir)) for f in earlier],
+        "method": config.method,
+        "task": index + 1,
+        "note": (
+            "load on the base model with the adapters of merge_first merged in order"
+            if earlier else "load on the base model"
+        ) + f"; or: nlora load RUN --task {index + 1}",
+    })
 
 
 def _write_task_record(

@@ -1,14 +1,29 @@
 """Train one task: AdamW at a constant learning rate on task loss + the method's penalty.
 
-Devices and distribution go through Accelerate (``accelerate launch nlora run ...`` spreads
-batches over GPUs); on one CPU process it is a plain loop.
+One optimiser step is one *global* batch of ``batch_size`` rows, whatever the number of
+processes. The global batches are formed once per epoch from the seed (the same on 1 or N
+processes); process p takes rows p, p + N, p + 2N, ... of each and runs them as micro-batches
+of ``batch_size / (grad_accum · N)`` rows, accumulating gradients.
+
+The loss of a step is the mean cross-entropy over every answer token of the global batch
+(what one process computes on the whole batch at once): each micro-batch's mean loss is
+weighted by its share of the global batch's answer tokens. The method's penalty gets the same
+weights; they sum to one, so a penalty on the weights alone counts exactly once and a
+per-token one (LwF) is averaged over the global batch. Gradients are summed over processes
+by one all-reduce per step (no DDP wrapper, so the LM-head-at-answers forward of
+``nlora.loss`` runs on any number of processes), then clipped to ``max_grad_norm`` through
+Accelerate and applied. LoRA dropout draws its masks per row (``nlora.dropout``), so the
+result does not depend on the process count either.
+
+A step whose loss is not finite, or exceeds ``DIVERGENCE_FACTOR`` times the first step's
+(and twice the loss of a uniform guess over the vocabulary), raises ``Diverged``.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -16,10 +31,25 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from nlora.batching import Encoder, LengthGroupedBatchSampler
+from nlora.batching import IGNORE_INDEX, Encoder, LengthGroupedBatchSampler
 from nlora.data import Example
+from nlora.dropout import RowKeys, mix, use_row_keyed_dropout
+from nlora.errors import ConfigError, NloraError
 from nlora.loss import answer_head_forward, supports_answer_head
 from nlora.methods.base import ContinualMethod
+
+DIVERGENCE_FACTOR = 10.0
+ALL_REDUCE_BUCKET = 1 << 24  # gradient entries summed over processes per all-reduce call
+
+
+class Diverged(NloraError):
+    """The training loss became non-finite or exploded; the task is stopped."""
+
+    def __init__(self, step: int, loss: float, task_loss: float, penalty: float) -> None:
+        self.step, self.loss, self.task_loss, self.penalty = step, loss, task_loss, penalty
+        super().__init__(
+            f"loss {loss:.4g} at step {step} (task loss {task_loss:.4g}, penalty {penalty:.4g})"
+        )
 
 
 @dataclass
@@ -41,6 +71,59 @@ class StepRecord:
     learning_rate: float
 
 
+def micro_batch_size(batch_size: int, grad_accum: int, processes: int) -> int:
+    """Rows per forward pass; the global batch must split evenly."""
+    parts = grad_accum * processes
+    if batch_size % parts:
+        raise ConfigError(
+            f"--batch-size {batch_size} (the global batch) does not split into --grad-accum "
+            f"{grad_accum} x {processes} processes; use a multiple of {parts}"
+        )
+    return batch_size // parts
+
+
+def global_batches(
+    lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool = True
+) -> list[list[int]]:
+    """The epoch's global batches (row indices), from the seed alone."""
+    if group_by_length:
+        return LengthGroupedBatchSampler(lengths, batch_size, seed).batches(epoch)
+    gen = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(len(lengths), generator=gen).tolist()
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def process_share(
+    batch: list[int], rank: int, processes: int, micro: int
+) -> list[list[int]]:
+    """This process's micro-batches of a global batch (rows rank, rank + N, ...)."""
+    mine = batch[rank::processes]
+    return [mine[i : i + micro] for i in range(0, len(mine), micro)]
+
+
+def answer_tokens(feature: dict[str, list[int]], is_seq2seq: bool) -> int:
+    """Tokens the loss is computed on (a causal model's first label predicts nothing)."""
+    labels = feature["labels"] if is_seq2seq else feature["labels"][1:]
+    return sum(1 for t in labels if t != IGNORE_INDEX)
+
+
+class DivergenceGuard:
+    """Stops a task whose loss is non-finite or far above where it started."""
+
+    def __init__(self, vocab_size: int | None) -> None:
+        self.floor = 2 * math.log(vocab_size) if vocab_size else 0.0
+        self.first: float | None = None
+
+    def check(self, step: int, task_loss: float, penalty: float) -> None:
+        loss = task_loss + penalty
+        if not math.isfinite(loss):
+            raise Diverged(step, loss, task_loss, penalty)
+        if self.first is None:
+            self.first = loss
+        elif loss > max(DIVERGENCE_FACTOR * self.first, self.floor):
+            raise Diverged(step, loss, task_loss, penalty)
+
+
 def train_task(
     model: torch.nn.Module,
     method: ContinualMethod,
@@ -55,57 +138,135 @@ def train_task(
     seed: int,
     desc: str = "train",
     group_by_length: bool = True,
+    *,
+    grad_accum: int = 1,
+    max_grad_norm: float | None = None,
     on_step: Callable[[StepRecord], None] | None = None,
 ) -> tuple[torch.nn.Module, TrainResult]:
+    world, rank = accelerator.num_processes, accelerator.process_index
+    micro = micro_batch_size(batch_size, grad_accum, world)
     features = [encoder.train_features(ex) for ex in examples]
-    loader = make_train_loader(features, encoder, batch_size, seed, group_by_length)
+    tokens = [answer_tokens(f, encoder.is_seq2seq) for f in features]
+    lengths = [len(f["input_ids"]) for f in features]
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError(f"method {method.name} left no trainable parameter")
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    # The LM head only at answer positions needs the inner modules; a distributed wrapper
-    # (DDP) must see its own forward to synchronise gradients, so it keeps the plain one.
-    head_at_answers = (
-        not encoder.is_seq2seq
-        and accelerator.unwrap_model(model) is model
-        and supports_answer_head(model)
+    if world > 1:  # every process starts from the same weights
+        for p in params:
+            torch.distributed.broadcast(p.data, src=0)
+    optimizer = accelerator.prepare(
+        torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
     )
+    head_at_answers = not encoder.is_seq2seq and supports_answer_head(model)
+    rows = RowKeys(max(lengths))
+    undo_dropout = use_row_keyed_dropout(model, rows)
+    guard = DivergenceGuard(getattr(getattr(model, "config", None), "vocab_size", None))
+    device = accelerator.device
     model.train()
     start, losses, penalty_value, steps = time.perf_counter(), [], 0.0, 0
-    total = epochs * len(loader)
-    bar = tqdm(total=total, desc=desc, unit="step", disable=not accelerator.is_local_main_process)
-    for _ in range(epochs):
-        for batch in loader:
-            outputs = answer_head_forward(model, batch) if head_at_answers else model(**batch)
-            loss = outputs.loss
-            penalty = method.penalty(accelerator.unwrap_model(model), index, batch, outputs)
-            if penalty is not None:
-                penalty_value = float(penalty.detach())
-                loss = loss + penalty
-            if not math.isfinite(float(loss.detach())):
-                raise FloatingPointError(f"{desc}: loss became {float(loss)} at step {steps}")
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(outputs.loss.detach()))
-            steps += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", l1=f"{penalty_value:.3g}")
-            if on_step is not None:
-                on_step(StepRecord(steps, losses[-1], penalty_value if penalty is not None else 0.0,
-                                   float(optimizer.param_groups[0]["lr"])))
-    bar.close()
-    model = accelerator.unwrap_model(model)
-    accelerator.free_memory()  # drop Accelerate's references before the next task's model
+    total = epochs * -(-len(features) // batch_size)
+    bar = tqdm(total=total, desc=desc, unit="step", disable=not accelerator.is_main_process)
+    try:
+        for epoch in range(epochs):
+            for batch_rows in global_batches(lengths, batch_size, seed, epoch, group_by_length):
+                batch_tokens = sum(tokens[i] for i in batch_rows)
+                sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, penalty
+                for part in process_share(batch_rows, rank, world, micro):
+                    rows.keys = [mix(seed, epoch, i) for i in part]
+                    batch = encoder.collate_train([features[i] for i in part])
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    with accelerator.autocast():
+                        outputs = (
+                            answer_head_forward(model, batch) if head_at_answers
+                            else model(**batch)
+                        )
+                    weight = sum(tokens[i] for i in part) / batch_tokens
+                    loss = outputs.loss.float() * weight
+                    sums[0] += loss.detach().double()
+                    penalty = method.penalty(model, index, batch, outputs)
+                    if penalty is not None:
+                        loss = loss + penalty * weight
+                        sums[1] += (penalty.detach() * weight).double()
+                    accelerator.backward(loss)
+                rows.keys = None
+                if world > 1:
+                    _sum_over_processes(params, sums)
+                task_loss, penalty_value = sums.tolist()
+                guard.check(steps + 1, task_loss, penalty_value)
+                if max_grad_norm:
+                    accelerator.clip_grad_norm_(params, max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(task_loss)
+                steps += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{task_loss:.3f}", penalty=f"{penalty_value:.3g}")
+                if on_step is not None:
+                    lr = float(optimizer.param_groups[0]["lr"])
+                    on_step(StepRecord(steps, task_loss, penalty_value, lr))
+    finally:
+        bar.close()
+        rows.keys = None
+        undo_dropout()
+        accelerator.free_memory()  # drop Accelerate's references before the next task's model
     result = TrainResult(
         steps=steps,
         seconds=time.perf_counter() - start,
-        first_loss=losses[0] if losses else float("nan"),
-        last_loss=losses[-1] if losses else float("nan"),
+        first_loss=losses[0],
+        last_loss=losses[-1],
         last_penalty=penalty_value,
     )
     return model, result
+
+
+def _sum_over_processes(params: list[torch.nn.Parameter], sums: torch.Tensor) -> None:
+    """Sum every gradient and the step's loss sums over processes (in place)."""
+    for p in params:
+        if p.grad is None:  # unused on this process (e.g. no rows here): a zero gradient
+            p.grad = torch.zeros_like(p)
+    for bucket in _buckets(params):
+        flat = torch.cat([p.grad.reshape(-1) for p in bucket])
+        torch.distributed.all_reduce(flat)
+        offset = 0
+        for p in bucket:
+            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+    torch.distributed.all_reduce(sums)
+
+
+def _buckets(params: list[torch.nn.Parameter]) -> Iterator[list[torch.nn.Parameter]]:
+    bucket, size = [], 0
+    for p in params:
+        full = size + p.numel() > ALL_REDUCE_BUCKET
+        if bucket and (full or p.grad.dtype != bucket[0].grad.dtype):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(p)
+        size += p.numel()
+    if bucket:
+        yield bucket
+
+
+class GlobalBatchSampler:
+    """``global_batches`` as a DataLoader batch sampler: epoch e on the e-th pass."""
+
+    def __init__(
+        self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool = True
+    ) -> None:
+        self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
+        self.group_by_length = group_by_length
+        self.drop_last = False  # read by Accelerate if it prepares the loader
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = global_batches(
+            self.lengths, self.batch_size, self.seed, self.epoch, self.group_by_length
+        )
+        self.epoch += 1
+        yield from batches
 
 
 def make_train_loader(
@@ -115,16 +276,8 @@ def make_train_loader(
     seed: int,
     group_by_length: bool = True,
 ) -> DataLoader:
-    """Shuffled training batches; grouped by length (less padding) unless told otherwise."""
-    if group_by_length:
-        sampler = LengthGroupedBatchSampler(
-            [len(f["input_ids"]) for f in features], batch_size, seed
-        )
-        return DataLoader(features, batch_sampler=sampler, collate_fn=encoder.collate_train)
-    return DataLoader(
-        features,
-        batch_size=batch_size,
-        shuffle=True,
-        collate_fn=encoder.collate_train,
-        generator=torch.Generator().manual_seed(seed),
-    )
+    """One process's view of the training batches, as ``train_task`` forms them (benches)."""
+    sampler = GlobalBatchSampler([len(f["input_ids"]) for f in features], batch_size, seed,
+                                 group_by_length)
+    return DataLoader(features, batch_sampler=sampler, collate_fn=encoder.collate_train)
+

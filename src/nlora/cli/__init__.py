@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import time
 from collections.abc import Sequence
 
-from nlora.cli import demo, export, learn, report, tasks
+from nlora.cli import demo, export, learn, load, report, tasks
 from nlora.errors import NloraError
 
 # each module's register(subparsers) adds its subcommands
-COMMANDS = (demo, learn, tasks, report, export)
+COMMANDS = (demo, learn, tasks, report, export, load)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +35,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except NloraError as err:
-        print(f"nlora: error: {err}", file=sys.stderr)
+        # an error every process of a multi-process run raised alike is printed by one
+        if not getattr(err, "shared", False) or int(os.environ.get("RANK", "0")) == 0:
+            print(f"nlora: error: {err}", file=sys.stderr)
+        else:  # let the main process print before a launcher stops the group on our exit
+            time.sleep(2)
         return 2
     except KeyboardInterrupt:
         print("nlora: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -85,7 +85,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, with_method: bool = True)
                      help=f"learning rate, one or one per task (default {D.learning_rate})")
     opt.add_argument("--epochs", type=_ints,
                      help=f"epochs, one or one per task (default {D.epochs})")
-    opt.add_argument("--batch-size", type=int, help=f"batch size (default {D.batch_size})")
+    opt.add_argument("--batch-size", type=int,
+                     help="global batch per optimiser step, whatever the number of processes "
+                     f"(default {D.batch_size})")
     opt.add_argument("--weight-decay", type=float,
                      help=f"AdamW weight decay (default {D.weight_decay})")
     opt.add_argument("--max-source-length", type=int,
@@ -132,17 +134,19 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from nlora.runner import print_results, run  # heavy imports only when running
+    from nlora.runner import is_main_process, print_results, run  # heavy: only when running
 
     config = config_from_args(args)
     metrics = run(config, args.out, report_to=getattr(args, "report_to", None))
-    print_results(metrics)
-    print(f"\nrun folder: {args.out}")
+    if is_main_process():  # several processes: one table
+        print_results(metrics)
+        print(f"\nrun folder: {args.out}")
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from nlora.compare import compare, format_comparison  # heavy imports only when running
+    from nlora.runner import is_main_process
 
     if len(set(args.methods)) != len(args.methods):
         raise ConfigError(f"a method appears twice in --methods {','.join(args.methods)}")
@@ -151,8 +155,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     # every method's config is built (and checked) before anything trains
     configs = {name: make_config(**options, method=name) for name in args.methods}
     rows = compare(configs, args.out, report_to=getattr(args, "report_to", None))
-    print(format_comparison(rows))
-    print(f"\nrun folders: {args.out}/<method>/")
+    if is_main_process():
+        print(format_comparison(rows))
+        print(f"\nrun folders: {args.out}/<method>/")
     return 0
 
 

@@ -30,12 +30,20 @@ class ContinualMethod:
     # True: each task's saved adapter holds every update so far (one adapter trained on and
     # on), so task t's own update is its adapter minus task t-1's.
     cumulative_adapter: ClassVar[bool] = False
+    # True: task t's adapter works on the base with tasks 1..t-1 merged (recorded with it)
+    merges_earlier: ClassVar[bool] = False
+    # False: only the latest finished task keeps its files (full fine-tuning's weights)
+    keeps_every_task: ClassVar[bool] = True
 
     def __init__(self, config: RunConfig, is_seq2seq: bool) -> None:
         self.config = config
         self.is_seq2seq = is_seq2seq
         self.is_main_process = True  # only the main process writes files (set by the runner)
         self.encoder: Encoder | None = None  # set by the runner; for methods that batch data
+
+    def check(self, model: PreTrainedModel) -> None:
+        """Refuse options that do not fit ``model`` (e.g. no module to adapt), leaving the
+        model unchanged; called before the run folder is made."""
 
     def train_examples(self, index: int, tasks: list[Task]) -> list[Example]:
         """What task ``index`` trains on (replay mixes in earlier tasks here)."""

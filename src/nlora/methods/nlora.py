@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 from nlora.adapters import (
     LoraFactors,
     add_adapter,
+    check_adapter,
     load_and_merge,
     lora_factors,
     merge,
@@ -62,6 +63,12 @@ def check_reference_shapes(model: torch.nn.Module) -> None:
 
 class NLoRA(ContinualMethod):
     name = "nlora"
+    merges_earlier = True
+
+    def check(self, model: PreTrainedModel) -> None:
+        reference = self.config.l1_on == "reference"
+        check_adapter(model, self.config, self.is_seq2seq,
+                      check_reference_shapes if reference else None)
 
     def begin_task(self, model: PreTrainedModel, index: int, task: Task) -> torch.nn.Module:
         self.l1_lambda = float(self.config.per_task("l1_lambda", index))

@@ -13,9 +13,8 @@ import torch
 from peft import PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
-from nlora.adapters import lora_config
+from nlora.adapters import check_adapter, lora_config, save_adapter
 from nlora.data import Task
-from nlora.io import write_dir_atomic
 from nlora.methods.base import ContinualMethod
 
 
@@ -36,6 +35,9 @@ class PerTaskFT(ContinualMethod):
     name = "pertaskft"
     per_task_model = True
 
+    def check(self, model: PreTrainedModel) -> None:
+        check_adapter(model, self.config, self.is_seq2seq)
+
     def begin_task(self, model: PreTrainedModel, index: int, task: Task) -> torch.nn.Module:
         config = lora_config(self.config, self.is_seq2seq)
         if isinstance(model, PeftModel):
@@ -47,11 +49,7 @@ class PerTaskFT(ContinualMethod):
 
     def end_task(self, model, index: int, task: Task, folder: Path) -> PreTrainedModel:
         if self.is_main_process:
-            name = adapter_name(index)
-            write_dir_atomic(
-                folder / "adapter",
-                lambda tmp: model.save_pretrained(tmp, selected_adapters=[name]),
-            )
+            save_adapter(model, folder / "adapter", selected_adapters=[adapter_name(index)])
         return model
 
     def restore_task(self, model, index: int, task: Task, folder: Path) -> PreTrainedModel:

@@ -23,6 +23,7 @@ WEIGHTS = "model.safetensors"
 
 class SeqFT(ContinualMethod):
     name = "seqft"
+    keeps_every_task = False  # one model's worth of disk: the latest task's weights
     # files of a task folder that only the latest task needs (deleted for earlier tasks)
     latest_only: tuple[str, ...] = (WEIGHTS,)
 

@@ -11,7 +11,7 @@ from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
-from nlora.adapters import add_adapter, save_adapter
+from nlora.adapters import add_adapter, check_adapter, save_adapter
 from nlora.data import Task
 from nlora.methods.base import ContinualMethod
 
@@ -19,6 +19,9 @@ from nlora.methods.base import ContinualMethod
 class SeqLoRA(ContinualMethod):
     name = "seqlora"
     cumulative_adapter = True
+
+    def check(self, model: PreTrainedModel) -> None:
+        check_adapter(model, self.config, self.is_seq2seq)
 
     def begin_task(self, model: PreTrainedModel, index: int, task: Task) -> torch.nn.Module:
         if isinstance(model, PeftModel):  # the one adapter, as the last task left it
