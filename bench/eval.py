@@ -65,7 +65,7 @@ def reference_generate(
 
 def prompt_stats(model, encoder: Encoder, examples: list[Example], batch_size: int) -> dict:
     """Prompt tokens: real, unique (the shared prefix once), and run with/without the cache."""
-    prompts = [encoder.prompt_ids(ex.prompt) for ex in examples]
+    prompts = [encoder.example_ids(ex) for ex in examples]
     prefix = build_prefix_cache(model, prompts, encoder.max_source_length)
     skip = len(prefix) if prefix is not None else 0
     covered = [prefix is not None and prefix.covers(p) for p in prompts]

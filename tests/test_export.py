@@ -83,7 +83,7 @@ def test_the_exported_folder_loads_without_nlora(tiny_llama_dir, data_dir, tmp_p
     assert main(["export", str(run), "--out", str(out)]) == 0
     task = load_task(data_dir, TINY_TASKS[0], 8, 4, seed=3)
     encoder = Encoder(load_backbone(str(tiny_llama_dir)).tokenizer, False, 64)
-    prompts = [encoder.prompt_ids(e.prompt) for e in task.test]
+    prompts = [encoder.example_ids(e) for e in task.test]
     new_tokens = max(len(encoder.label_ids(label)) for label in task.labels) + 1
     done = subprocess.run(
         [sys.executable, "-c", PLAIN, str(out), json.dumps(prompts), str(new_tokens)],

@@ -119,7 +119,7 @@ def test_rank_picks_the_label_of_highest_likelihood(tokenizer, data_dir):
         preds = rank_answers(model, encoder, task.test, task.labels, batch_size=3)
         with torch.no_grad():
             for ex, pred in zip(task.test, preds, strict=True):
-                prompt = encoder.prompt_ids(ex.prompt)
+                prompt = encoder.example_ids(ex)
                 scores = [
                     float(_full_loglik(model, encoder, prompt,
                                        encoder.label_ids(label) + [encoder.eos_id], is_seq2seq))

@@ -47,16 +47,19 @@ def test_shared_prefix_ignores_truncated_prompts():
     assert shared_prefix([[4, 5, 6], [4, 5, 7]], max_length=3) == [4, 5]  # all cut: all count
 
 
-def _setup(tokenizer, data_dir, name="SC/yelp", n=11, dtype=torch.float64, seed=1):
+def _setup(tokenizer, data_dir, name="SC/yelp", n=11, dtype=torch.float64, seed=1,
+           truncation="tail"):
+    # "tail" cuts a long prompt's beginning (header included): both batch paths run
     model = _varied(tiny_llama(tokenizer, seed), seed).to(dtype).eval()
-    encoder = Encoder(tokenizer, is_seq2seq=False, max_source_length=MAX_SOURCE)
+    encoder = Encoder(tokenizer, is_seq2seq=False, max_source_length=MAX_SOURCE,
+                      truncation=truncation)
     task = load_task(data_dir, name, test_per_task=n, seed=seed, splits=("test",))
     return model, encoder, task
 
 
 def test_prefix_is_found_on_token_ids_and_covers_untruncated_prompts(tokenizer, data_dir):
     model, encoder, task = _setup(tokenizer, data_dir)
-    prompts = [encoder.prompt_ids(ex.prompt) for ex in task.test]
+    prompts = [encoder.example_ids(ex) for ex in task.test]
     prefix = build_prefix_cache(model, prompts, MAX_SOURCE)
     assert prefix is not None and len(prefix) >= MIN_PREFIX_TOKENS
     # the shared header, instruction and options, as the tokenizer encodes them
@@ -68,6 +71,11 @@ def test_prefix_is_found_on_token_ids_and_covers_untruncated_prompts(tokenizer, 
     plan = plan_prompt_batches(prompts, 4, prefix)
     assert sorted(i for chunk, _ in plan for i in chunk) == list(range(len(prompts)))
     assert all(cached == prefix.covers(prompts[chunk[0]]) for chunk, cached in plan)
+    # the default truncation cuts the example's text, so every prompt keeps the header
+    encoder = Encoder(tokenizer, is_seq2seq=False, max_source_length=MAX_SOURCE)
+    kept = [encoder.example_ids(ex) for ex in task.test]
+    assert any(len(p) == MAX_SOURCE for p in kept)
+    assert all(prefix.covers(p) for p in kept)
     # the cache holds the prefix's states: one layer entry per decoder layer, batch 1
     keys = prefix.cache.layers[0].keys
     assert keys.shape[0] == 1 and keys.shape[-2] == len(prefix)
@@ -86,7 +94,7 @@ def test_generate_with_prefix_cache_gives_the_same_predictions(tokenizer, data_d
 def test_rank_scores_with_prefix_cache_equal_the_plain_scores(tokenizer, data_dir):
     model, encoder, task = _setup(tokenizer, data_dir, n=9)
     targets = [encoder.label_ids(label) + [encoder.eos_id] for label in task.labels]
-    prompts = [encoder.prompt_ids(ex.prompt) for ex in task.test]
+    prompts = [encoder.example_ids(ex) for ex in task.test]
     used = 0
     with torch.no_grad():
         for chunk, batch, cache in _prompt_batches(model, encoder, task.test, 4, "t"):
@@ -117,7 +125,7 @@ def test_no_prefix_cache_where_it_would_not_be_exact(tokenizer, data_dir):
 
     encoder = Encoder(tokenizer, is_seq2seq=True, max_source_length=MAX_SOURCE)
     task = load_task(data_dir, "TC/agnews", test_per_task=4, seed=1, splits=("test",))
-    prompts = [encoder.prompt_ids(ex.prompt) for ex in task.test]
+    prompts = [encoder.example_ids(ex) for ex in task.test]
     t5 = tiny_t5(tokenizer)
     assert not supports_prefix_cache(t5)  # bidirectional encoder
     assert build_prefix_cache(t5, prompts, MAX_SOURCE) is None
