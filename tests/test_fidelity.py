@@ -353,3 +353,17 @@ def test_release_protocol_on_the_command_line_records_what_it_set(
     assert "protocol release: options not given were set as follows" in caplog.text
     assert "truncation = 'head'" in caplog.text
     assert "zero_shot" not in json.loads((tmp_path / "run/metrics.json").read_text())
+
+
+def test_the_released_nlora_term_on_non_square_modules_fails_before_any_work(
+    tiny_llama_dir, data_dir, tmp_path, capsys
+):
+    # tiny LLaMA's v_proj is 16 x 32 (grouped key-value heads), like SmolLM2's 192 x 576
+    argv = ["run", "--model", str(tiny_llama_dir), "--data", str(data_dir), "--tasks",
+            "CB", "--protocol", "release", "--out", str(tmp_path / "run"), *FAST]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "v_proj is 16x32" in err and "--target-modules" in err
+    assert not (tmp_path / "run/zero_shot").exists()
+    assert main([*argv[:-len(FAST)], "--target-modules", "q_proj", *FAST,
+                 "--out", str(tmp_path / "q")]) == 0

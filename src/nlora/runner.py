@@ -176,6 +176,7 @@ def _run(
     method = get_method(config.method)(config, backbone.is_seq2seq)
     method.is_main_process = accelerator.is_main_process
     method.encoder = encoder
+    method.check_model(model)  # e.g. the released N-LoRA term on non-square modules
     joint = method.joint  # multi-task learning: a single step on every task's data
     folders = step_folders(out_dir, tasks, joint)
     done = finished_tasks(out_dir, tasks, joint)

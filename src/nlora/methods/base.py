@@ -33,6 +33,9 @@ class ContinualMethod:
         self.is_main_process = True  # only the main process writes files (set by the runner)
         self.encoder: Encoder | None = None  # set by the runner; for methods that batch data
 
+    def check_model(self, model: PreTrainedModel) -> None:
+        """Refuse, with a ConfigError, a base model this method cannot train (before any work)."""
+
     def train_examples(self, index: int, tasks: list[Task]) -> list[Example]:
         """What task ``index`` trains on (replay mixes in earlier tasks here)."""
         return tasks[index].train

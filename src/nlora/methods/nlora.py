@@ -11,15 +11,20 @@ loss = task loss + λ_t · Σ_modules ‖scaling · B·A‖₁. After the task i
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+from peft import LoraConfig
+from peft.tuners.tuners_utils import check_target_module_exists
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as TARGETS
 from transformers import PreTrainedModel
 
 from nlora.adapters import (
     LoraFactors,
     add_adapter,
     load_and_merge,
+    lora_config,
     lora_factors,
     merge,
     save_adapter,
@@ -60,8 +65,35 @@ def check_reference_shapes(model: torch.nn.Module) -> None:
             )
 
 
+def reference_shape_problem(model: torch.nn.Module, lora: LoraConfig) -> str | None:
+    """The first module ``lora`` would adapt whose weight is not square, before any adapter
+    exists (PEFT's own target matching and default target modules); None if all are."""
+    targets = lora.target_modules
+    if targets is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        targets = TARGETS.get(model_type)
+        if targets is None:
+            return None  # PEFT itself will name the problem when the adapter is added
+    probe = replace(lora, target_modules=set(targets))
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and check_target_module_exists(probe, name):
+            if module.in_features != module.out_features:
+                return f"{name} is {module.out_features}x{module.in_features} (out x in)"
+    return None
+
+
 class NLoRA(ContinualMethod):
     name = "nlora"
+
+    def check_model(self, model: PreTrainedModel) -> None:
+        if self.config.l1_on == "reference":
+            problem = reference_shape_problem(model, lora_config(self.config, self.is_seq2seq))
+            if problem:
+                raise ConfigError(
+                    f"--l1-on reference (the released N-LoRA term; --protocol release sets it) "
+                    f"needs square adapted modules, but {problem}; adapt only square modules "
+                    "with --target-modules (e.g. q_proj) or choose another --l1-on"
+                )
 
     def begin_task(self, model: PreTrainedModel, index: int, task: Task) -> torch.nn.Module:
         self.l1_lambda = float(self.config.per_task("l1_lambda", index))
