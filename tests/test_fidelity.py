@@ -219,6 +219,10 @@ def test_olora_long_order_schedule_and_orders_without_a_script(tmp_path):
     assert seqlora.epochs == 1 and seqlora.batch_size == 64  # the released seqlora logs
     nl4 = _config(data, method="nlora", order="order4", protocol="release")
     assert nl4.l1_lambda[2] == 1.2 and nl4.learning_rate == 5e-4  # N-LoRA scripts/order_4.sh
+    paper_seqft = _config(data, method="seqft", order="order1")
+    release_seqft = _config(data, method="seqft", order="order1", protocol="release")
+    assert (paper_seqft.learning_rate, paper_seqft.epochs) == (1e-5, 10)  # nlora's choice
+    assert (release_seqft.learning_rate, release_seqft.epochs) == ([1e-3, 1e-4, 1e-4, 1e-4], 1)
     replay = _config(data, method="replay", order="order1", protocol="release")
     assert "replay has no released script" in replay.preset_notes[0]
     assert replay.learning_rate == 1e-5 and replay.truncation == "head"

@@ -34,13 +34,15 @@ from nlora.data import (
 )
 from nlora.errors import ConfigError, DataError
 from nlora.orders import PAPER_BASE_LAMBDA, Order, get_order, substitute
-from nlora.release import COMMON, O_LORA, method_script
+from nlora.release import COMMON, method_script
 
 FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig))
 EXTRA_OPTIONS = ("substitute",)  # options that shape the config but are not stored in it
 ORDER_PRESETS = ("learning_rate", "epochs", "batch_size")
 RECORDS = ("preset_sources", "preset_notes")  # written by make_config, never given
 L1_METHODS = ("nlora", "olora+nlora")  # the methods whose loss has the ℓ1 term
+# Baselines whose schedule comes from their authors' scripts under either protocol.
+OWN_SOURCE = ("olora", "inclora", "seqlora")
 
 Layer = dict[str, tuple[Any, str]]  # field -> (value, where it comes from)
 COMMON_LAYER: Layer = {f: (v, f"release: {src}") for f, (v, src) in COMMON.items()}
@@ -109,7 +111,8 @@ def preset_layers(
         merged[field] = (value, f"nlora default for {method} (docs/methods.md)")
     release, script = method_script(method, order.name if order else None)
     where = f"{release} {script.source}" if script else ""
-    if script is not None and release == O_LORA:  # baselines as their authors ran them
+    own_source = script is not None and method in OWN_SOURCE
+    if own_source:  # baselines as their authors ran them, under either protocol
         merged.update({f: (v, where) for f, v in script.hyperparameters().items()})
     if protocol == "release":
         merged.update(COMMON_LAYER)
@@ -125,7 +128,7 @@ def preset_layers(
             if "l1_on" in given and given["l1_on"] != hyper.get("l1_on", given["l1_on"]):
                 hyper.pop("l1_lambda", None)  # the released λ belongs to the released form
             merged.update({f: (v, where) for f, v in hyper.items()})
-    if script is not None and script.note and (protocol == "release" or release == O_LORA):
+    if script is not None and script.note and (protocol == "release" or own_source):
         notes.append(script.note)
     if "l1_lambda" not in merged and method in L1_METHODS:
         l1_on = given.get("l1_on", merged.get("l1_on", (RunConfig.l1_on, ""))[0])

@@ -136,8 +136,14 @@ O_LORA_NO_ORDER = O_LORA_SCRIPTS["order1"]  # custom --tasks: the orders 1-3 set
 # SeqFT: only a hyperparameter file of order 1 is released (its code is not).
 SEQFT_SCRIPTS: dict[str, Script] = {
     "order1": Script("logs_and_outputs/order1_seqft/hyparam.sh", (1e-3, 1e-4, 1e-4, 1e-4), 1,
-                     64, grad_accum=4),
+                     64, grad_accum=4,
+                     note="SeqFT's code is not released: only this log's hyperparameter file"),
 }
+
+
+def _custom(script: Script, orders: str) -> Script:
+    return replace(script, note=f"custom tasks (no --order): the released orders {orders} "
+                                "setting")
 
 
 def _baseline(script: Script) -> Script:
@@ -155,7 +161,7 @@ def method_script(method: str, order: str | None) -> tuple[str | None, Script | 
     ``olora+nlora`` (paper Table 4; no script of its own) from the N-LoRA release.
     """
     if method in ("nlora", "olora+nlora"):
-        script = N_LORA_SCRIPTS.get(order) if order else N_LORA_NO_ORDER
+        script = N_LORA_SCRIPTS.get(order) if order else _custom(N_LORA_NO_ORDER, "2-3")
         if script is None:
             return None, None
         if method == "olora+nlora":
@@ -164,7 +170,7 @@ def method_script(method: str, order: str | None) -> tuple[str | None, Script | 
                 "with O-LoRA's released penalty forms and λ1"))
         return N_LORA, script
     if method in ("olora", "inclora", "seqlora"):
-        script = O_LORA_SCRIPTS.get(order) if order else O_LORA_NO_ORDER
+        script = O_LORA_SCRIPTS.get(order) if order else _custom(O_LORA_NO_ORDER, "1-3")
         if script is None:
             return None, None
         return O_LORA, script if method == "olora" else _baseline(script)

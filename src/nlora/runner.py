@@ -170,6 +170,8 @@ def run(config: RunConfig, out_dir: Path) -> dict[str, Any]:
 def _run(
     config: RunConfig, out_dir: Path, tasks: list[Task], accelerator: Accelerator
 ) -> dict[str, Any]:
+    for line in describe_presets(config):  # what the protocol and presets set, with sources
+        log.info(line)
     backbone = load_backbone(config.model)
     model = backbone.model.to(accelerator.device)
     encoder = Encoder(backbone.tokenizer, backbone.is_seq2seq, config.max_source_length)
@@ -184,8 +186,6 @@ def _run(
         "run %s: method %s, model %s, %d tasks (%d finished)",
         out_dir, config.method, config.model, len(tasks), done,
     )
-    for line in describe_presets(config):
-        log.info(line)
     judge = Judge(config, causal=not backbone.is_seq2seq)
     _zero_shot_step(config, out_dir, tasks, model, encoder, accelerator, judge, joint)
     for j in range(done):
