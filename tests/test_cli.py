@@ -35,13 +35,18 @@ def test_three_task_run_writes_the_accuracy_matrix(tiny_model_dir, data_dir, tmp
         mine = [r for r in rows if r["task"] == name]
         assert len(mine) == 6
         assert matrix[i][2] == pytest.approx(100 * sum(r["correct"] for r in mine) / 6)
-    assert set(metrics["summary"]) == {"AA", "F.Ra", "BWT"}
+        assert all({"prediction", "normalised", "label"} <= set(r) for r in mine)
+    assert set(metrics["summary"]) == {"AA", "AA_pooled", "F.Ra", "BWT"}
+    pooled = 100 * sum(r["correct"] for r in rows) / len(rows)
+    assert metrics["summary"]["AA_pooled"] == pytest.approx(pooled)
+    assert metrics["scorer"] == "normalised"
+    assert len(metrics["zero_shot"]) == 3  # cheap here, so made by default
     for folder in ("01-yelp", "02-agnews", "03-CB"):
         adapter = tmp_path / "run/tasks" / folder / "adapter"
         assert (adapter / "adapter_config.json").is_file()
         assert any("lora_A" in k for k in load_file(adapter / "adapter_model.safetensors"))
     out = capsys.readouterr().out
-    assert "Accuracy (%)" in out and "AA " in out
+    assert "Accuracy (%)" in out and "AA " in out and "pooled AA" in out and " base " in out
     assert (tmp_path / "run" / "config.yaml").is_file()
     assert (tmp_path / "run" / "run.log").read_text().count("evaluated") == 3
 

@@ -15,15 +15,18 @@ TINY = ["--train-per-task", "8", "--test-per-task", "4", "--epochs", "1", "--bat
 
 def test_the_best_of_each_column_is_marked():
     rows = [
-        {"method": "a", "AA": 60.0, "F.Ra": 5.0, "BWT": -4.0, "seconds": 3.0},
-        {"method": "b", "AA": 70.0, "F.Ra": 9.0, "BWT": -1.0, "seconds": 4.0},
+        {"method": "a", "AA": 60.0, "AA_pooled": 66.0, "F.Ra": 5.0, "BWT": -4.0,
+         "seconds": 3.0},
+        {"method": "b", "AA": 70.0, "AA_pooled": 65.0, "F.Ra": 9.0, "BWT": -1.0,
+         "seconds": 4.0},
         {"method": "mtl", "AA": 80.0, "F.Ra": None, "BWT": None, "seconds": 5.0},
     ]
     lines = format_comparison(rows).splitlines()
+    assert lines[0].split() == ["method", "AA", "pooled", "F.Ra", "BWT", "time", "(s)"]
     cells = {line.split()[0]: line.split()[1:] for line in lines[1:4]}
-    assert cells["a"] == ["60.0", "5.0*", "-4.0", "3"]
-    assert cells["b"] == ["70.0", "9.0", "-1.0*", "4"]
-    assert cells["mtl"] == ["80.0*", "-", "-", "5"]
+    assert cells["a"] == ["60.0", "66.0*", "5.0*", "-4.0", "3"]
+    assert cells["b"] == ["70.0", "65.0", "9.0", "-1.0*", "4"]
+    assert cells["mtl"] == ["80.0*", "-", "-", "-", "5"]
 
 
 def test_compare_runs_each_method_in_its_own_folder_and_resumes(

@@ -9,14 +9,17 @@ from pathlib import Path
 import pytest
 
 from nlora.data import (
+    INSTRUCTIONS,
     SAMPLE_DATA,
     build_prompt,
     load_task,
+    merged_instructions,
+    read_instructions,
     read_split,
     resolve_task,
     stratified_sample,
 )
-from nlora.errors import DataError
+from nlora.errors import ConfigError, DataError
 
 
 def test_prompt_matches_the_reference_format_on_a_real_row(data_dir):
@@ -111,6 +114,54 @@ def test_labels_outside_labels_json_are_left_out_with_a_count(tmp_path):
     assert (len(rows), skipped) == (1, 1)
 
 
-def test_unknown_category_has_no_instruction():
-    with pytest.raises(DataError, match="no instruction for category 'COPA'"):
-        build_prompt("COPA", "copa", ["1", "2"], "text")
+def test_a_category_without_instruction_gets_the_released_copa_prompt():
+    # the release's load_COPA_dataset: header, sentence, Answer: (no instruction, no options)
+    assert build_prompt("COPA", "COPA", ["1", "2"], "The man fell. Cause?") == (
+        "Task:COPA\nDataset:COPA\nThe man fell. Cause?\nAnswer:"
+    )
+    assert build_prompt("Mine", "toy", ["x"], "s") == "Task:Mine\nDataset:toy\ns\nAnswer:"
+
+
+def test_instructions_add_and_replace_per_category(tmp_path):
+    plain = tmp_path / "mine.yaml"
+    plain.write_text("COPA: Which alternative is more plausible?\nSC: Rate it.\n")
+    extra = read_instructions(plain)
+    assert extra == {"COPA": "Which alternative is more plausible?", "SC": "Rate it."}
+    merged = merged_instructions(extra)
+    assert build_prompt("COPA", "COPA", ["1", "2"], "s", merged) == (
+        "Task:COPA\nDataset:COPA\nWhich alternative is more plausible?\n"
+        "Option: 1, 2 \ns\nAnswer:"
+    )
+    assert build_prompt("SC", "yelp", ["a"], "s", merged).startswith("Task:SC\nDataset:yelp\n"
+                                                                     "Rate it.\nOption: a \n")
+    assert merged["NLI"] == INSTRUCTIONS["NLI"]  # the others stay the paper's
+    # the released instruction_config.json format: first zero-shot instruction, "\n" dropped
+    release = tmp_path / "instruction_config.json"
+    release.write_text(json.dumps({"TC": [
+        {"instruction_type": "zero-shot", "instruction": "Topic? Choose one.\n"}]}))
+    assert read_instructions(release) == {"TC": "Topic? Choose one."}
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("- a list\n", "expected a mapping"),
+    ("COPA: ''\n", "'COPA' has no instruction text"),
+    ("COPA: [unclosed\n", "not valid JSON or YAML"),
+])
+def test_bad_instructions_files_are_named(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        read_instructions(path)
+    with pytest.raises(ConfigError, match="file not found"):
+        read_instructions(tmp_path / "absent.json")
+
+
+def test_unlabelled_test_rows_are_kept_when_counted(tmp_path):
+    folder = _task_dir(tmp_path, [{"sentence": "a", "label": "x"}])
+    (folder / "test.json").write_text(json.dumps(
+        [{"sentence": "s", "label": "x"}, {"sentence": "t", "label": "-"}]))
+    default = load_task(tmp_path, "toy")
+    assert [e.label for e in default.test] == ["x"] and default.skipped["test"] == 1
+    counted = load_task(tmp_path, "toy", count_unlabelled=True)
+    assert [e.label for e in counted.test] == ["x", "-"]
+    assert counted.skipped["test"] == 0 and counted.unlabelled["test"] == 1

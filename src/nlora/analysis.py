@@ -193,6 +193,7 @@ def analyse_run(
     notes: list[str] = []
     scores: dict[str, Any] = {
         "AA": summary.get("AA"),
+        "AA_pooled": summary.get("AA_pooled"),
         "F.Ra": summary.get("F.Ra"),
         "BWT": summary.get("BWT"),
         "FWT": None,

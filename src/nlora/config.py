@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from nlora.errors import ConfigError
+from nlora.scoring import SCORERS
 
 # Default sparsity weight of the ΔW-form penalty (sum of |entries| of scaling·B·A over all
 # adapted modules). Chosen from the sweep recorded in docs/method.md.
@@ -19,6 +20,12 @@ DEFAULT_L1_LAMBDA = 1e-4
 PRECISIONS = ("fp32", "bf16", "fp16")
 TRUNCATIONS = ("text", "head", "tail")
 MIN_SOURCE_LENGTH = 8  # room for a BOS, a few text tokens and "Answer:"
+# "paper": the paper's equations where it is explicit; "release": every choice as the released
+# O-LoRA / N-LoRA code makes it (nlora.release, docs/reproduction.md).
+PROTOCOLS = ("paper", "release")
+OLORA_ORTH_FORMS = ("abs", "fro")  # O-LoRA's Σ|A_i A_tᵀ| as released, or eq. 1's ‖A_iᵀA_t‖²_F
+OLORA_L2_FORMS = ("norm", "squared")  # Σ‖θ‖₂ per tensor as released, or ‖θ‖²
+TASK_SEEDS = ("offset", "same")  # task j seeded with seed + j, or every task with seed
 
 # Where the ℓ1 penalty goes (paper Fig. 6 ablations, plus the released code's r x r form).
 L1_PLACEMENTS = ("deltaw", "a", "b", "a+b", "reference")
@@ -30,6 +37,8 @@ METHOD_DEFAULTS: dict[str, dict[str, float]] = {
 }
 
 PerTask = float | list[float]
+# Options that take one value or one per task (the released scripts vary them per task).
+PER_TASK_OPTIONS = ("l1_lambda", "learning_rate", "epochs", "olora_lambda1", "olora_lambda2")
 
 
 def _check(
@@ -70,12 +79,15 @@ class RunConfig:
     lora_alpha: float = 32.0
     lora_dropout: float = 0.1
     target_modules: list[str] | None = None  # None: PEFT's query/value default for the model
+    protocol: str = "paper"  # paper | release: who decides what the user did not give
     # N-LoRA sparsity
     l1_lambda: PerTask = DEFAULT_L1_LAMBDA
     l1_on: str = "deltaw"
     # other methods' knobs; meaning, defaults and their sources: docs/methods.md
-    olora_lambda1: float = 0.5  # O-LoRA orthogonality weight (O-LoRA code default)
-    olora_lambda2: float = 0.0  # O-LoRA ℓ2 weight on the new adapter (O-LoRA code default)
+    olora_lambda1: PerTask = 0.5  # O-LoRA orthogonality weight (O-LoRA scripts)
+    olora_lambda2: PerTask = 0.0  # O-LoRA ℓ2 weight on the new adapter (O-LoRA scripts)
+    olora_orth: str = "abs"  # abs: Σ|entries| of A_i A_tᵀ as released (λ₁ tuned for it); fro
+    olora_l2: str = "norm"  # norm: Σ over new tensors of ‖θ‖₂ as released; squared: ‖θ‖²
     replay_fraction: float = 0.02  # share of each earlier task's training set replayed
     ewc_lambda: float = 5000.0  # EWC penalty weight (our choice; the paper gives none)
     lwf_alpha: float = 1.0  # LwF distillation weight (Li and Hoiem, 2017)
@@ -105,6 +117,20 @@ class RunConfig:
     eval_mode: str = "generate"  # "generate": greedy exact match; "rank": best label log-lik
     prefix_cache: bool = True  # evaluation runs the prompts' shared prefix once (causal LMs)
     seed: int = 42
+    task_seed: str = "offset"  # offset: task j uses seed + j; same: every task uses seed
+    # scoring (nlora.scoring): normalised exact match as the field reports it, or strict
+    scorer: str = "normalised"
+    count_unlabelled: bool = False  # keep test rows labelled outside labels.json, as wrong
+    # the base model on every task before task 1 (FWT); None: when cheap (nlora.runner)
+    zero_shot: bool | None = None
+    instructions: dict[str, str] = field(default_factory=dict)  # category -> instruction
+    # where each value not given by the user came from (field -> source), and notes
+    preset_sources: dict[str, str] = field(default_factory=dict)
+    preset_notes: list[str] = field(default_factory=list)
+
+    def seed_for_task(self, index: int) -> int:
+        """The seed of task ``index``: seed + index, or seed for every task (the release)."""
+        return self.seed + index if self.task_seed == "offset" else self.seed
 
     def per_task(self, name: str, index: int) -> Any:
         """The value of a per-task option for task ``index`` (0-based)."""
@@ -122,6 +148,9 @@ class RunConfig:
             raise ConfigError("no tasks: pass --order NAME or --tasks a,b,c")
         if len(set(self.tasks)) != len(self.tasks):
             raise ConfigError(f"a task appears twice in {', '.join(self.tasks)}")
+        for name in PER_TASK_OPTIONS:  # a per-task list must have one value per task
+            for i in range(len(self.tasks)):
+                self.per_task(name, i)
         for i in range(len(self.tasks)):
             _check("--lr", self.per_task("learning_rate", i), low=0, above=True)
             _check("--l1-lambda", self.per_task("l1_lambda", i), low=0)
@@ -155,7 +184,21 @@ class RunConfig:
                high_inclusive=True)
         _check("--lwf-temperature", self.lwf_temperature, low=0, above=True)
         for name in ("olora_lambda1", "olora_lambda2", "ewc_lambda", "lwf_alpha"):
-            _check(f"--{name.replace('_', '-')}", getattr(self, name), low=0)
+            value = getattr(self, name)
+            for each in value if isinstance(value, list) else [value]:
+                _check(f"--{name.replace('_', '-')}", each, low=0)
+        for name, allowed in (
+            ("protocol", PROTOCOLS), ("scorer", SCORERS), ("olora_orth", OLORA_ORTH_FORMS),
+            ("olora_l2", OLORA_L2_FORMS), ("task_seed", TASK_SEEDS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                    f"got {getattr(self, name)!r}"
+                )
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in
+                   self.instructions.items()):
+            raise ConfigError("instructions must map category names to instruction strings")
         _whole("--grad-accum", self.grad_accum, 1)
         if self.max_grad_norm is not None:
             _check("--max-grad-norm", self.max_grad_norm, low=0)

@@ -2,7 +2,9 @@
 
 Layout: ``DATA/<CATEGORY>/<DATASET>/{train,test,labels}.json``; each split is a JSON
 list of ``{"sentence": str, "label": str}`` and ``labels.json`` lists the label strings.
-The category picks the instruction (paper, Table 6).
+The category picks the instruction (paper, Table 6); a category without one (COPA, or a
+user's own) gets the released code's bare prompt, and ``--instructions FILE`` adds or replaces
+instructions per category.
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ import logging
 import os
 import random
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nlora.errors import DataError
+import yaml
+
+from nlora.errors import ConfigError, DataError
 
 log = logging.getLogger("nlora")
 
@@ -90,23 +95,72 @@ class Task:
     skipped: dict[str, int] = field(default_factory=dict)  # split -> rows left out
     # split -> (rows asked for, rows there) when a subsample asked for more than the split has
     capped: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # split -> rows kept although their label is not in labels.json (scored as wrong)
+    unlabelled: dict[str, int] = field(default_factory=dict)
 
     @property
     def short_name(self) -> str:
         return self.dataset
 
 
-def build_prompt(category: str, dataset: str, labels: list[str], sentence: str) -> str:
-    """The prompt of the public O-LoRA/N-LoRA code (task and dataset header on)."""
-    if category not in INSTRUCTIONS:
-        raise DataError(
-            f"no instruction for category {category!r} (paper Table 6 has "
-            f"{', '.join(INSTRUCTIONS)}); put the dataset under one of those categories"
-        )
+def build_prompt(
+    category: str,
+    dataset: str,
+    labels: list[str],
+    sentence: str,
+    instructions: Mapping[str, str] | None = None,
+) -> str:
+    """The prompt of the public O-LoRA/N-LoRA code (task and dataset header on).
+
+    ``instructions`` maps category -> instruction (default: ``INSTRUCTIONS``). A category
+    without one gets the release's COPA prompt: header, sentence, ``Answer:``, with neither
+    instruction nor option list.
+    """
+    instruction = (INSTRUCTIONS if instructions is None else instructions).get(category)
+    if instruction is None:
+        return f"Task:{category}\nDataset:{dataset}\n{sentence}\nAnswer:"
     return (
-        f"Task:{category}\nDataset:{dataset}\n{INSTRUCTIONS[category]}\n"
+        f"Task:{category}\nDataset:{dataset}\n{instruction}\n"
         f"Option: {', '.join(labels)} \n{sentence}\nAnswer:"
     )
+
+
+def read_instructions(path: str | os.PathLike) -> dict[str, str]:
+    """Category -> instruction from a JSON or YAML file.
+
+    Either a plain mapping ``{"COPA": "Which alternative is more plausible? ..."}`` or the
+    released code's ``instruction_config.json`` (``{"NLI": [{"instruction_type": "zero-shot",
+    "instruction": "..."}]}``, whose first zero-shot instruction is used, as the release's
+    ``single`` strategy does). A trailing newline is dropped (the prompt adds one).
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"--instructions {path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))  # YAML reads JSON too
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--instructions {path}: not valid JSON or YAML ({err})") from None
+    if not isinstance(data, dict) or not data:
+        raise ConfigError(f"--instructions {path}: expected a mapping category -> instruction")
+    out = {}
+    for category, value in data.items():
+        if isinstance(value, list):  # the release's format
+            value = next(
+                (v.get("instruction") for v in value
+                 if isinstance(v, dict) and v.get("instruction_type", "zero-shot") == "zero-shot"),
+                None,
+            )
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(
+                f"--instructions {path}: category {category!r} has no instruction text"
+            )
+        out[str(category)] = value.rstrip("\n")
+    return out
+
+
+def merged_instructions(extra: Mapping[str, str] | None) -> dict[str, str]:
+    """The paper's instructions with a user's additions and replacements on top."""
+    return {**INSTRUCTIONS, **(extra or {})}
 
 
 def resolve_task(data_dir: Path, name: str) -> tuple[str, str]:
@@ -183,8 +237,13 @@ def read_labels(path: Path) -> list[str]:
     return labels
 
 
-def read_split(path: Path, labels: list[str]) -> tuple[list[dict[str, str]], int]:
-    """Validated rows of one split, and how many rows had a label outside ``labels``."""
+def read_split(
+    path: Path, labels: list[str], keep_unlabelled: bool = False
+) -> tuple[list[dict[str, str]], int]:
+    """Validated rows of one split, and how many rows had a label outside ``labels``.
+
+    Those rows are left out, or kept with ``keep_unlabelled`` (scored as wrong later).
+    """
     rows = _read_json(path)
     if not isinstance(rows, list):
         raise DataError(f"{path}: expected a JSON list of {{sentence, label}} objects")
@@ -200,9 +259,10 @@ def read_split(path: Path, labels: list[str]) -> tuple[list[dict[str, str]], int
                 raise DataError(f"{path}: row {index} has no string {key!r}")
         if row["label"] not in known:
             skipped += 1
-            continue
+            if not keep_unlabelled:
+                continue
         kept.append({"sentence": row["sentence"], "label": row["label"]})
-    if not kept:
+    if skipped == len(rows):
         raise DataError(f"{path}: no row has a label listed in labels.json")
     return kept, skipped
 
@@ -235,20 +295,31 @@ def load_task(
     test_per_task: int | None = None,
     seed: int = 42,
     splits: tuple[str, ...] = ("train", "test"),
+    instructions: Mapping[str, str] | None = None,
+    count_unlabelled: bool = False,
 ) -> Task:
-    """Load, validate, subsample and prompt one task."""
+    """Load, validate, subsample and prompt one task.
+
+    ``instructions``: category -> instruction (default: the paper's). ``count_unlabelled``
+    keeps test rows whose label is not in labels.json (counted in ``unlabelled``, not
+    ``skipped``).
+    """
     category, dataset = resolve_task(data_dir, name)
     folder = data_dir / category / dataset
     labels = read_labels(folder / "labels.json")
     task = Task(name=f"{category}/{dataset}", category=category, dataset=dataset, labels=labels)
     sizes = {"train": train_per_task, "test": test_per_task}
     for split in splits:
-        rows, skipped = read_split(folder / f"{split}.json", labels)
+        keep = count_unlabelled and split == "test"
+        rows, skipped = read_split(folder / f"{split}.json", labels, keep_unlabelled=keep)
         if sizes[split] is not None and sizes[split] > len(rows):
             task.capped[split] = (sizes[split], len(rows))
         rows = stratified_sample(rows, sizes[split], seed)
-        prompt = lambda sentence: build_prompt(category, dataset, labels, sentence)  # noqa: E731
+        prompt = lambda sentence: build_prompt(  # noqa: E731
+            category, dataset, labels, sentence, instructions
+        )
         examples = [Example(r["sentence"], r["label"], prompt(r["sentence"])) for r in rows]
         setattr(task, split, examples)
-        task.skipped[split] = skipped
+        task.skipped[split] = 0 if keep else skipped
+        task.unlabelled[split] = sum(r["label"] not in labels for r in rows)
     return task

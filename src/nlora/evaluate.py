@@ -1,4 +1,4 @@
-"""Accuracy on a task's test split: greedy decoding and exact match (whitespace stripped).
+"""Answers on a task's test split: greedy decoding (scored by ``nlora.scoring``).
 
 Generation stops after the longest label's token count plus one (room for EOS): no
 correct answer is longer, so longer decoding only costs time. Prompts are sorted by
@@ -29,22 +29,21 @@ from transformers.cache_utils import Cache
 from nlora.batching import Encoder
 from nlora.data import Example, Task
 from nlora.prefix import PrefixCache, build_prefix_cache
+from nlora.scoring import accuracy, is_correct
 
 
 @dataclass
 class Prediction:
+    """One test row's generated text (raw, stripped) and its label; ``nlora.scoring`` judges it
+    (the run's ``--scorer``); ``correct`` is the strict verdict."""
+
     index: int
     prediction: str
     label: str
 
     @property
     def correct(self) -> bool:
-        return self.prediction.strip() == self.label.strip()
-
-
-def accuracy(predictions: list[Prediction]) -> float:
-    """Percent of exact matches (0-100), as the paper reports."""
-    return 100.0 * sum(p.correct for p in predictions) / len(predictions)
+        return is_correct(self.prediction, self.label, "strict")
 
 
 def plan_prompt_batches(

@@ -234,19 +234,24 @@ def acr_curves(runs: Sequence[dict[str, Any]], path: Path | str) -> Path:
 
 
 def unseen_tasks(runs: Sequence[dict[str, Any]], path: Path | str) -> Path:
-    """Fig. 4: accuracy on tasks never trained on, after the last trained task, per run."""
+    """Fig. 4: accuracy on a task not trained yet, after the last task before it, per run;
+    beside them the base model's zero-shot accuracy when a run measured it."""
     runs = [r for r in runs if r["unseen"]]
     tasks = sorted({t for r in runs for t in r["unseen"]})
-    fig = Figure(figsize=(max(5.0, 1.2 * len(tasks) * max(1, len(runs)) + 2), 4))
+    base = next((r for r in runs if r.get("zero_shot")), None)
+    series = [(f"{r['name']} ({r['method']})",
+               [(r["unseen"].get(t) or {}).get("final") for t in tasks]) for r in runs]
+    if base is not None:
+        zero = dict(zip(base["tasks"], base["zero_shot"], strict=False))
+        series.append(("base model (zero-shot)", [zero.get(t) for t in tasks]))
+    fig = Figure(figsize=(max(5.0, 1.2 * len(tasks) * max(1, len(series)) + 2), 4))
     ax = fig.add_subplot()
-    width = 0.8 / max(1, len(runs))
-    for k, run in enumerate(runs):
-        ys = [(run["unseen"].get(t) or {}).get("final") for t in tasks]
+    width = 0.8 / max(1, len(series))
+    for k, (label, ys) in enumerate(series):
         xs = [i + k * width for i in range(len(tasks))]
-        ax.bar(xs, [math.nan if y is None else y for y in ys], width=width,
-               label=f"{run['name']} ({run['method']})")
+        ax.bar(xs, [math.nan if y is None else y for y in ys], width=width, label=label)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], tasks)
-    ax.set_ylabel("accuracy after the last trained task (%)")
+    ax.set_ylabel("accuracy before the task is trained (%)")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8)
     ax.set_title("Unseen-task generalisation (Fig. 4)")

@@ -64,7 +64,7 @@ def forward_transfer(matrix: Matrix, zero_shot: Sequence[float | None]) -> float
     tasks have no a[i][i-1]).
     """
     t = len(matrix)
-    if t < 2 or len(zero_shot) < t:
+    if t < 2 or len(zero_shot) < t or len(matrix[0]) < t:  # joint training: no a[i][i-1]
         return None
     gains = []
     for i in range(1, t):

@@ -2,9 +2,19 @@
 
 ``make_config(**options)`` is the one place where defaults are decided, whoever asks: the
 ``nlora`` command (its flags), a YAML config file, or Python code. An option not given takes,
-in this order, the method's default (``METHOD_DEFAULTS``), the task order's preset
-(``nlora.orders``), then ``RunConfig``'s own default. Task names are resolved against the data
-folder, and a task whose data is absent fails here, before anything runs.
+from the first source that has it:
+
+1. ``protocol="release"``: the released code's value (``nlora.release``): what every released
+   run shares (truncation, clipping, scorer, seeds, ...) and the method's own script for the
+   order (schedule, batch and accumulation, precision, penalty form and weights);
+2. the method's own source under either protocol: O-LoRA's scripts for ``olora``, ``inclora``
+   and ``seqlora`` (baselines run as their authors ran them);
+3. the method's default (``METHOD_DEFAULTS``), then the task order's preset from the N-LoRA
+   paper (``nlora.orders``), then ``RunConfig``'s own default.
+
+Where each such value came from is kept in ``RunConfig.preset_sources`` (config.yaml) and
+printed by the run (``describe_presets``). Task names are resolved against the data folder,
+and a task whose data is absent fails here, before anything runs.
 """
 
 from __future__ import annotations
@@ -17,15 +27,29 @@ from typing import Any
 
 import yaml
 
-from nlora.config import DEFAULT_L1_LAMBDA, METHOD_DEFAULTS, RunConfig
-from nlora.data import KNOWN_CATEGORIES, data_dir_from, resolve_task, task_is_available
+from nlora.config import DEFAULT_L1_LAMBDA, METHOD_DEFAULTS, PROTOCOLS, RunConfig
+from nlora.data import (
+    KNOWN_CATEGORIES,
+    data_dir_from,
+    read_instructions,
+    resolve_task,
+    task_is_available,
+)
 from nlora.errors import ConfigError, DataError
 from nlora.orders import PAPER_BASE_LAMBDA, Order, get_order, substitute
+from nlora.release import COMMON, method_script
 
 FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig))
 EXTRA_OPTIONS = ("substitute",)  # options that shape the config but are not stored in it
 ORDER_PRESETS = ("learning_rate", "epochs", "batch_size")
 FLAG_KEYS = {"lr": "learning_rate", "data": "data_dir"}  # flags named unlike their key
+RECORDS = ("preset_sources", "preset_notes")  # written by make_config, never given
+L1_METHODS = ("nlora", "olora+nlora")  # the methods whose loss has the ℓ1 term
+# Baselines whose schedule comes from their authors' scripts under either protocol.
+OWN_SOURCE = ("olora", "inclora", "seqlora")
+
+Layer = dict[str, tuple[Any, str]]  # field -> (value, where it comes from)
+COMMON_LAYER: Layer = {f: (v, f"release: {src}") for f, (v, src) in COMMON.items()}
 
 
 def make_config(**options: Any) -> RunConfig:
@@ -39,7 +63,12 @@ def make_config(**options: Any) -> RunConfig:
     unknown = sorted(set(options) - set(FIELDS) - set(EXTRA_OPTIONS))
     if unknown:
         raise ConfigError(f"unknown option {', '.join(unknown)}")
-    given = {k: v for k, v in options.items() if v is not None}
+    given = {k: v for k, v in options.items() if v is not None and k not in RECORDS}
+    protocol = given.get("protocol", RunConfig.protocol)
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if "instructions" in given:
+        given["instructions"] = _instructions(given["instructions"])
     substitutions = parse_substitutions(given.pop("substitute", None) or {})
     data_dir = data_dir_from(given.get("data_dir"))
     order = get_order(given["order"]) if given.get("order") else None
@@ -61,13 +90,12 @@ def make_config(**options: Any) -> RunConfig:
         _available_task(data_dir, name, order.name if order else None) for name in names
     ]
     values["order"] = order.name if order else None
-    for field in ORDER_PRESETS:
+    presets, notes = preset_layers(method, order, protocol, given)
+    for field, (value, _source) in presets.items():
         if field not in given:
-            preset = _preset(field, method, order)
-            if preset is not None:
-                values[field] = preset
-    if "l1_lambda" not in given:
-        values["l1_lambda"] = default_l1_lambda(order, given.get("l1_on", RunConfig.l1_on))
+            values[field] = value
+    values["preset_sources"] = {f: src for f, (_, src) in presets.items() if f not in given}
+    values["preset_notes"] = notes
     config = RunConfig(**values)
     config.validate()
     return config
@@ -128,13 +156,68 @@ def combine_options(from_file: Mapping[str, Any], given: Mapping[str, Any]) -> d
     return {**base, **given}
 
 
-def _preset(field: str, method: str, order: Order | None) -> Any:
-    if field in METHOD_DEFAULTS.get(method, {}):  # e.g. full fine-tuning's learning rate
-        return METHOD_DEFAULTS[method][field]
-    if order is not None:
-        preset = getattr(order, field)
-        return list(preset) if isinstance(preset, tuple) else preset
-    return None
+def preset_layers(
+    method: str, order: Order | None, protocol: str, given: Mapping[str, Any]
+) -> tuple[Layer, list[str]]:
+    """Every preset value for ``method`` on ``order`` under ``protocol``, with its source,
+    lowest precedence first (later layers win); and notes worth printing."""
+    merged: Layer = {}
+    notes: list[str] = []
+    if order is not None:  # the N-LoRA paper's settings of the order (Appendix 7.5)
+        for field in ORDER_PRESETS:
+            merged[field] = (_plain(getattr(order, field)), f"paper Appendix 7.5 ({order.name})")
+    for field, value in METHOD_DEFAULTS.get(method, {}).items():
+        merged[field] = (value, f"nlora default for {method} (docs/methods.md)")
+    release, script = method_script(method, order.name if order else None)
+    where = f"{release} {script.source}" if script else ""
+    own_source = script is not None and method in OWN_SOURCE
+    if own_source:  # baselines as their authors ran them, under either protocol
+        merged.update({f: (v, where) for f, v in script.hyperparameters().items()})
+    if protocol == "release":
+        merged.update(COMMON_LAYER)
+        if script is None:
+            notes.append(
+                f"{method} has no released script for "
+                f"{order.name if order else 'custom tasks'}: its schedule is nlora's "
+                "(docs/methods.md)"
+            )
+        else:
+            merged.update({f: (v, where) for f, v in script.mechanics().items()})
+            hyper = script.hyperparameters()
+            if "l1_on" in given and given["l1_on"] != hyper.get("l1_on", given["l1_on"]):
+                hyper.pop("l1_lambda", None)  # the released λ belongs to the released form
+            merged.update({f: (v, where) for f, v in hyper.items()})
+    if script is not None and script.note and (protocol == "release" or own_source):
+        notes.append(script.note)
+    if "l1_lambda" not in merged and method in L1_METHODS:
+        l1_on = given.get("l1_on", merged.get("l1_on", (RunConfig.l1_on, ""))[0])
+        source = (
+            f"paper Appendix 7.5 λ ({order.name})" if order and l1_on == "reference"
+            else "nlora default λ" + (f" x the paper's λ of {order.name} / 0.4" if order else "")
+        )
+        merged["l1_lambda"] = (default_l1_lambda(order, l1_on), source)
+    return merged, notes
+
+
+
+def describe_presets(config: RunConfig) -> list[str]:
+    """Lines saying which protocol ran and every value it or a preset set (with sources)."""
+    lines = [f"protocol {config.protocol}: options not given were set as follows"]
+    for field, source in config.preset_sources.items():
+        lines.append(f"  {field} = {getattr(config, field)!r}  ({source})")
+    lines += [f"  note: {note}" for note in config.preset_notes]
+    return lines
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _instructions(value: Any) -> dict[str, str]:
+    """--instructions: a JSON/YAML file path, or a mapping given from Python or config.yaml."""
+    if isinstance(value, Mapping):
+        return {str(k): str(v) for k, v in value.items()}
+    return read_instructions(value)
 
 
 def default_l1_lambda(order: Order | None, l1_on: str) -> float | list[float]:

@@ -87,7 +87,7 @@ def _summary_rows(results: list[dict[str, Any]]) -> list[list[Any]]:
     for r in results:
         s, p = r["scores"], (r["parameter"] or {}).get("summary", {})
         rows.append([r["name"], str(r["method"]), str(len(r["tasks"])),
-                     s.get("AA"), s.get("F.Ra"), s.get("BWT"), s.get("FWT"),
+                     s.get("AA"), s.get("AA_pooled"), s.get("F.Ra"), s.get("BWT"), s.get("FWT"),
                      p.get("OO"), p.get("AWOM"), p.get("GSR"), p.get("ACR"),
                      p.get("subspace_use"), p.get("nuclear_norm"),
                      _unseen_cell(r)])
@@ -143,7 +143,8 @@ def write_report(
         "",
         "## Summary",
         "",
-        _table(["run", "method", "T", "AA", "F.Ra", "BWT", "FWT", "OO", "AWOM", "GSR", "ACR",
+        _table(["run", "method", "T", "AA", "pooled AA", "F.Ra", "BWT", "FWT", "OO", "AWOM",
+                "GSR", "ACR",
                 "subspace use", "‖ΔW‖*", "unseen (final)"], _summary_rows(results)),
         "",
     ]

@@ -6,7 +6,10 @@ Layout::
     RUN/config.yaml            resolved settings (a different config is refused on resume)
     RUN/.nlora.lock            held (flock) by the run using the folder; holds its PID
     RUN/run.log                log of every run and resume
-    RUN/metrics.json           accuracy matrix + AA / F.Ra / BWT, rewritten after each task
+    RUN/metrics.json           accuracy matrix + AA (mean and pooled) / F.Ra / BWT, the
+                               zero-shot row and unseen-task curves, rewritten after each task
+    RUN/zero_shot/             the base model on every task before task 1 (when made):
+                               predictions.jsonl, done.json
     RUN/tasks/NN-dataset/      one per finished task: adapter/ (PEFT, with loads_on.json:
                                what it must be loaded on) or the method's own files,
                                predictions.jsonl, done.json (written last: marks the task
@@ -38,6 +41,10 @@ from nlora.param_metrics import LoraUpdate, update_difference
 
 def task_folder(out_dir: Path, index: int, task: Task) -> Path:
     return out_dir / "tasks" / f"{index + 1:02d}-{task.dataset}"
+
+
+def zero_shot_folder(out_dir: Path) -> Path:
+    return out_dir / "zero_shot"
 
 
 def step_folders(out_dir: Path, tasks: list[Task], joint: bool = False) -> list[Path]:
@@ -190,22 +197,52 @@ def finished_tasks(out_dir: Path, tasks: list[Task], joint: bool = False) -> int
 
 
 def collect_metrics(
-    out_dir: Path, tasks: list[Task], joint: bool = False, eval_mode: str = "generate"
+    out_dir: Path,
+    tasks: list[Task],
+    joint: bool = False,
+    eval_mode: str = "generate",
+    scorer: str | None = None,
 ) -> dict[str, Any]:
-    """metrics.json content from the done.json of every finished step (joint: one column)."""
+    """metrics.json content from the done.json of every finished step (joint: one column).
+
+    Besides the matrix: ``zero_shot`` (the base model's accuracy per task, when the run made
+    that row), ``unseen`` (each task's accuracy after every step before it was trained, when
+    tasks were evaluated before training: ``--eval-on all``), and in the summary
+    ``AA_pooled``, the share of all final test rows answered correctly (the released code's
+    headline figure), next to ``AA`` (per-task mean, paper eq. 5).
+    """
     names = [t.name for t in tasks]
     folders = step_folders(out_dir, tasks, joint)
     matrix: list[list[float | None]] = [[None] * len(folders) for _ in tasks]
     finished = finished_tasks(out_dir, tasks, joint)
+    last_counts: dict[str, list[int]] = {}
     for j, folder in enumerate(folders[:finished]):
         record = json.loads((folder / "done.json").read_text(encoding="utf-8"))
         for name, acc in record["accuracy"].items():
             matrix[names.index(name)][j] = acc
+        last_counts = record.get("counts") or {}
     metrics: dict[str, Any] = {
-        "tasks": names, "finished": finished, "eval_mode": eval_mode, "accuracy": matrix
+        "tasks": names, "finished": finished, "eval_mode": eval_mode, "scorer": scorer,
+        "accuracy": matrix,
     }
+    zero = zero_shot_folder(out_dir) / "done.json"
+    if zero.is_file():
+        record = json.loads(zero.read_text(encoding="utf-8"))
+        metrics["zero_shot"] = [record["accuracy"].get(name) for name in names]
+    if not joint:
+        unseen = {
+            name: [matrix[i][j] if j < i else None for j in range(len(folders))]
+            for i, name in enumerate(names)
+        }
+        unseen = {k: v for k, v in unseen.items() if any(x is not None for x in v)}
+        if unseen:
+            metrics["unseen"] = unseen
     if finished == len(folders):
         metrics["summary"] = summarize(matrix)
+        if last_counts and all(name in last_counts for name in names):
+            right = sum(last_counts[name][0] for name in names)
+            rows = sum(last_counts[name][1] for name in names)
+            metrics["summary"]["AA_pooled"] = 100.0 * right / rows
     return metrics
 
 

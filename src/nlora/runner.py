@@ -2,8 +2,12 @@
 (its layout: ``nlora.rundir``).
 
 Rerunning the same command resumes after the last finished task. Every task seeds its own
-randomness from (seed, task index), so a resumed run ends exactly where an uninterrupted
-one does.
+randomness from (seed, task index), or from the seed alone with ``task_seed="same"`` (the
+release), so a resumed run ends exactly where an uninterrupted one does.
+
+Before task 1 the base model answers every task once (the zero-shot row, for FWT) when asked
+(``zero_shot=True``) or, by default, when that costs at most ``ZERO_SHOT_MAX_SHARE`` of the
+run's estimated work (``zero_shot_plan``).
 
 Curves: every optimiser step's task loss, penalty and learning rate, and every evaluation's
 accuracies, go to ``run.log`` as text and, with ``report_to="tensorboard"``, to TensorBoard
@@ -33,13 +37,14 @@ from accelerate.utils import (
 
 from nlora.batching import Encoder
 from nlora.config import RunConfig
-from nlora.data import Task, load_task
+from nlora.data import INSTRUCTIONS, Task, load_task, merged_instructions
 from nlora.errors import ConfigError, NloraError
-from nlora.evaluate import Prediction, accuracy, predict
+from nlora.evaluate import Prediction, predict
 from nlora.io import write_json_atomic, write_text_atomic
 from nlora.methods import get_method
 from nlora.methods.base import ContinualMethod
 from nlora.model import Backbone, load_backbone
+from nlora.presets import describe_presets
 from nlora.rundir import (
     LOADS_ON,
     check_out_dir,
@@ -47,7 +52,9 @@ from nlora.rundir import (
     finished_tasks,
     open_run_dir,
     step_folders,
+    zero_shot_folder,
 )
+from nlora.scoring import is_correct, scored_form
 from nlora.tables import format_results
 from nlora.train import Diverged, StepRecord, micro_batch_size, train_task
 
@@ -146,23 +153,42 @@ def make_accelerator(
 
 def load_tasks(config: RunConfig) -> list[Task]:
     """Read and validate every task before any training, so bad data fails up front."""
+    instructions = merged_instructions(config.instructions)
     return [
-        load_task(Path(config.data_dir), name, config.train_per_task, config.test_per_task,
-                  config.seed)
+        load_task(
+            Path(config.data_dir), name, config.train_per_task, config.test_per_task,
+            config.seed, instructions=instructions, count_unlabelled=config.count_unlabelled,
+        )
         for name in config.tasks
     ]
 
 
-def _log_data_notes(tasks: list[Task]) -> None:
+def _log_data_notes(config: RunConfig, tasks: list[Task]) -> None:
+    instructions = merged_instructions(config.instructions)
     for task in tasks:
         for split, count in task.skipped.items():
             if count:
-                log.warning("%s %s: left out %d rows whose label is not in labels.json",
-                            task.name, split, count)
+                log.warning(
+                    "%s %s: left out %d rows whose label is not in labels.json "
+                    "(--count-unlabelled keeps them, as wrong answers)",
+                    task.name, split, count,
+                )
+        if task.unlabelled.get("test"):
+            log.info(
+                "%s test: %d rows whose label is not in labels.json are counted as wrong "
+                "(--count-unlabelled, as the released code)", task.name, task.unlabelled["test"],
+            )
         for split, (asked, there) in task.capped.items():
             flag = "--train-per-task" if split == "train" else "--test-per-task"
             log.warning("%s %s: %s %d is more than its %d rows; using all %d",
                         task.name, split, flag, asked, there, there)
+        if task.category not in instructions:
+            log.info(
+                "note: category %s has no instruction (paper Table 6 has %s); %s gets the "
+                "released code's bare prompt (Task/Dataset header, the sentence, Answer:); "
+                "--instructions FILE gives it one",
+                task.category, ", ".join(INSTRUCTIONS), task.name,
+            )
 
 
 def _eval_share(
@@ -174,6 +200,42 @@ def _eval_share(
     order = sorted(range(len(examples)), key=lambda i: lengths[i], reverse=True)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     return [i for batch in batches[rank::processes] for i in batch]
+
+
+# The zero-shot row is on by default when it adds at most this share of the run's work.
+ZERO_SHOT_MAX_SHARE = 0.25
+TRAIN_ROW_COST = 3.0  # a training row costs about three forward passes (forward + backward)
+
+
+def zero_shot_plan(config: RunConfig, tasks: list[Task], joint: bool = False) -> tuple[bool, str]:
+    """Whether to evaluate the base model on every task before task 1, and why.
+
+    The zero-shot row costs one more evaluation of every test set. The run's own work is
+    estimated in row passes: a training row x epochs counts ``TRAIN_ROW_COST``, an evaluated
+    test row 1 (every seen task after each step, or every task with ``eval_on="all"``). When
+    ``zero_shot`` is None the row is made if it adds at most ``ZERO_SHOT_MAX_SHARE``.
+    """
+    if config.zero_shot is not None:
+        return config.zero_shot, "asked for" if config.zero_shot else "--no-zero-shot"
+    n = len(tasks)
+    tests = [len(t.test) for t in tasks]
+    zero = sum(tests)
+    if joint:
+        epochs = int(config.per_task("epochs", 0))
+        work = TRAIN_ROW_COST * epochs * sum(len(t.train) for t in tasks) + zero
+    else:
+        train = sum(
+            TRAIN_ROW_COST * int(config.per_task("epochs", j)) * len(t.train)
+            for j, t in enumerate(tasks)
+        )
+        evaluated = sum(
+            zero if config.eval_on == "all" else sum(tests[: j + 1]) for j in range(n)
+        )
+        work = train + evaluated
+    share = zero / work if work else 1.0
+    why = f"adds ~{share:.0%} to the run's estimated work (default: at most " \
+          f"{ZERO_SHOT_MAX_SHARE:.0%})"
+    return share <= ZERO_SHOT_MAX_SHARE, why
 
 
 def evaluate_tasks(
@@ -191,7 +253,7 @@ def evaluate_tasks(
     results = {}
     for i in indices:
         task = tasks[i]
-        eval_model = method.eval_model(model, i)
+        eval_model = model if method is None else method.eval_model(model, i)  # None: as is
         mine = _eval_share(encoder, task.test, batch_size, accelerator.process_index,
                            accelerator.num_processes)
         preds = predict(
@@ -281,7 +343,7 @@ def run(config: RunConfig, out_dir: Path | str, report_to: str | None = None) ->
                          lock.taken_over_from)
             for leftover in lock.removed:
                 log.info("removed %s, left by an interrupted run", leftover)
-        _log_data_notes(tasks)
+        _log_data_notes(config, tasks)
         if report_to:
             accelerator.init_trackers(TRACKER_PROJECT, config=_tracker_config(config))
         return _run(config, out_dir, tasks, accelerator, backbone, encoder, method)
@@ -309,6 +371,8 @@ def _run(
     encoder: Encoder,
     method: ContinualMethod,
 ) -> dict[str, Any]:
+    for line in describe_presets(config):  # what the protocol and presets set, with sources
+        log.info(line)
     model = backbone.model.to(accelerator.device)
     method.is_main_process = accelerator.is_main_process
     method.encoder = encoder
@@ -323,6 +387,8 @@ def _run(
         micro_batch_size(config.batch_size, config.grad_accum, processes),
     )
     global_step = 0  # optimiser steps over the whole sequence, continued on resume
+    judge = Judge(config, causal=not backbone.is_seq2seq)
+    _zero_shot_step(config, out_dir, tasks, model, encoder, accelerator, judge, joint)
     for j in range(done):
         model = method.restore_task(model, j, tasks[j], folders[j])
         log.info("restored task %d/%d %s from %s", j + 1, len(folders), folders[j].name, out_dir)
@@ -331,7 +397,8 @@ def _run(
 
     for j in range(done, len(folders)):
         task, folder = tasks[j], folders[j]
-        set_seed(config.seed + j)  # per-task seed: resume reproduces an uninterrupted run
+        seed = config.seed_for_task(j)  # per task: resume reproduces an uninterrupted run
+        set_seed(seed)
         label = "joint training" if joint else f"task {j + 1}/{len(tasks)} {task.dataset}"
         learning_rate = float(config.per_task("learning_rate", j))
         model = method.begin_task(model, j, task)
@@ -353,7 +420,7 @@ def _run(
                 epochs=int(config.per_task("epochs", j)),
                 batch_size=config.batch_size,
                 weight_decay=config.weight_decay,
-                seed=config.seed + j,
+                seed=seed,
                 desc=f"train {label}",
                 group_by_length=config.group_by_length,
                 grad_accum=config.grad_accum,
@@ -389,21 +456,30 @@ def _run(
         )
         eval_seconds = time.perf_counter() - start
         if accelerator.is_main_process:
-            _write_task_record(folder, j, tasks, predictions, result, eval_seconds, joint)
+            record = {
+                "task": "joint" if joint else task.name,
+                "index": j + 1,
+                **judge.record(tasks, predictions),
+                "train": {"steps": result.steps, "seconds": round(result.seconds, 2),
+                          "first_loss": result.first_loss, "last_loss": result.last_loss,
+                          "last_penalty": result.last_penalty},
+                "eval_seconds": round(eval_seconds, 2),
+            }
+            _write_record(folder, judge.lines(tasks, predictions), record)
             method.task_recorded(j, folder)
-            metrics = collect_metrics(out_dir, tasks, joint, config.eval_mode)
+            metrics = collect_metrics(out_dir, tasks, joint, config.eval_mode, config.scorer)
             write_json_atomic(out_dir / "metrics.json", metrics)
-            accs = ", ".join(
-                f"{tasks[i].dataset} {accuracy(p):.1f}" for i, p in predictions.items()
-            )
+            accs = ", ".join(f"{tasks[i].dataset} {record['accuracy'][tasks[i].name]:.1f}"
+                             for i in predictions)
             log.info("%s evaluated in %.0fs (step %d): %s", label, eval_seconds, global_step, accs)
             accelerator.log(
-                {f"accuracy/{tasks[i].dataset}": accuracy(p) for i, p in predictions.items()},
+                {f"accuracy/{tasks[i].dataset}": record["accuracy"][tasks[i].name]
+                 for i in predictions},
                 step=global_step,
             )
         accelerator.wait_for_everyone()
 
-    metrics = collect_metrics(out_dir, tasks, joint, config.eval_mode)
+    metrics = collect_metrics(out_dir, tasks, joint, config.eval_mode, config.scorer)
     if accelerator.is_main_process:
         write_json_atomic(out_dir / "metrics.json", metrics)
     return metrics
@@ -434,37 +510,77 @@ def record_adapter_base(
     })
 
 
-def _write_task_record(
-    folder: Path,
-    index: int,
-    tasks: list[Task],
-    predictions: dict[int, list[Prediction]],
-    result: Any,
-    eval_seconds: float,
-    joint: bool = False,
-) -> None:
-    lines = [
-        json.dumps(
-            {"task": tasks[i].name, "index": p.index, "prediction": p.prediction,
-             "label": p.label, "correct": p.correct},
-            ensure_ascii=False,
-        )
-        for i, preds in predictions.items()
-        for p in preds
-    ]
+class Judge:
+    """Scores predictions with the run's scorer (``nlora.scoring``), for records and logs."""
+
+    def __init__(self, config: RunConfig, causal: bool) -> None:
+        self.scorer = config.scorer
+        self.causal = causal
+
+    def verdicts(self, task: Task, preds: list[Prediction]) -> list[bool]:
+        labels = set(task.labels)  # a row labelled outside them (kept "-" rows) is wrong
+        return [is_correct(p.prediction, p.label, self.scorer, self.causal, labels)
+                for p in preds]
+
+    def record(self, tasks: list[Task], predictions: dict[int, list[Prediction]]) -> dict:
+        """done.json's accuracy (percent) and counts ([correct, rows]) per task."""
+        counts = {tasks[i].name: [sum(self.verdicts(tasks[i], p)), len(p)]
+                  for i, p in predictions.items()}
+        return {"scorer": self.scorer,
+                "accuracy": {name: 100.0 * c / n for name, (c, n) in counts.items()},
+                "counts": counts}
+
+    def lines(self, tasks: list[Task], predictions: dict[int, list[Prediction]]) -> list[str]:
+        """predictions.jsonl: the raw answer, its normalised form and the verdict."""
+        return [
+            json.dumps(
+                {"task": tasks[i].name, "index": p.index, "prediction": p.prediction,
+                 "normalised": scored_form(p.prediction, "normalised", self.causal),
+                 "label": p.label, "correct": ok},
+                ensure_ascii=False,
+            )
+            for i, preds in predictions.items()
+            for p, ok in zip(preds, self.verdicts(tasks[i], preds), strict=True)
+        ]
+
+
+def _write_record(folder: Path, lines: list[str], record: dict[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
     write_text_atomic(folder / "predictions.jsonl", "\n".join(lines) + "\n")
-    write_json_atomic(
-        folder / "done.json",
-        {
-            "task": "joint" if joint else tasks[index].name,
-            "index": index + 1,
-            "accuracy": {tasks[i].name: accuracy(p) for i, p in predictions.items()},
-            "train": {"steps": result.steps, "seconds": round(result.seconds, 2),
-                      "first_loss": result.first_loss, "last_loss": result.last_loss,
-                      "last_penalty": result.last_penalty},
-            "eval_seconds": round(eval_seconds, 2),
-        },
+    write_json_atomic(folder / "done.json", record)  # last: marks the step finished
+
+
+def _zero_shot_step(
+    config: RunConfig,
+    out_dir: Path,
+    tasks: list[Task],
+    model: torch.nn.Module,
+    encoder: Encoder,
+    accelerator: Accelerator,
+    judge: Judge,
+    joint: bool,
+) -> None:
+    """The base model (no adapter, nothing restored yet) on every task: the zero-shot row."""
+    folder = zero_shot_folder(out_dir)
+    if (folder / "done.json").is_file():
+        return
+    wanted, why = zero_shot_plan(config, tasks, joint)
+    if not wanted:
+        log.info("zero-shot row skipped: it %s; --zero-shot makes it", why)
+        return
+    log.info("zero-shot row: the base model on every task before task 1 (%s)", why)
+    start = time.perf_counter()
+    predictions = evaluate_tasks(
+        model, None, encoder, tasks, list(range(len(tasks))), accelerator,
+        config.eval_batch_size, config.eval_mode, config.prefix_cache,
     )
+    if accelerator.is_main_process:
+        record = {"task": "zero-shot", "index": 0, **judge.record(tasks, predictions),
+                  "eval_seconds": round(time.perf_counter() - start, 2)}
+        _write_record(folder, judge.lines(tasks, predictions), record)
+        log.info("zero-shot: %s", ", ".join(
+            f"{t.dataset} {record['accuracy'][t.name]:.1f}" for t in tasks))
+    accelerator.wait_for_everyone()
 
 
 def print_results(metrics: dict[str, Any]) -> None:

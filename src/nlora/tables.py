@@ -4,29 +4,42 @@ from __future__ import annotations
 
 from typing import Any
 
+from nlora.metrics import forward_transfer
+
+SCORER_NAMES = {"normalised": "normalised exact match", "strict": "strict exact match"}
+
 
 def _fmt(value: float | None, width: int = 7) -> str:
     return f"{'-':>{width}}" if value is None else f"{value:>{width}.1f}"
 
 
 def format_results(metrics: dict[str, Any]) -> str:
-    """The accuracy matrix (rows: tasks, columns: after training task j) and the summary."""
+    """The accuracy matrix (rows: tasks, columns: after training task j) and the summary.
+
+    A first column ``base`` holds the zero-shot row when the run made it.
+    """
     names = [n.split("/")[-1] for n in metrics["tasks"]]
     width = max(7, *(len(n) for n in names)) + 1
-    header = f"{'task':<{width}}" + "".join(
-        f"{f'after {j + 1}':>9}" for j in range(len(metrics["accuracy"][0]))
+    zero = metrics.get("zero_shot")
+    columns = len(metrics["accuracy"][0])
+    header = f"{'task':<{width}}" + (f"{'base':>9}" if zero else "") + "".join(
+        f"{f'after {j + 1}':>9}" for j in range(columns)
     )
-    lines = ["Accuracy (%) of each task (row) after training task j (column)", header]
+    scorer = SCORER_NAMES.get(metrics.get("scorer") or "", "exact match")
+    lines = [f"Accuracy (%) of each task (row) after training task j (column); {scorer}", header]
     for i, row in enumerate(metrics["accuracy"]):
-        lines.append(f"{names[i]:<{width}}" + "".join(_fmt(v, 9) for v in row))
+        base = _fmt(zero[i], 9) if zero else ""
+        lines.append(f"{names[i]:<{width}}{base}" + "".join(_fmt(v, 9) for v in row))
     summary = metrics.get("summary")
     if summary:
-        lines.append("")
-        lines.append(
-            "AA {}   F.Ra {}   BWT {}".format(
-                *(_fmt(summary[k], 0).strip() for k in ("AA", "F.Ra", "BWT"))
-            )
-        )
+        parts = [f"AA {_fmt(summary['AA'], 0).strip()} (mean over tasks)"]
+        if summary.get("AA_pooled") is not None:
+            parts.append(f"pooled AA {_fmt(summary['AA_pooled'], 0).strip()} (all test rows)")
+        parts += [f"{k} {_fmt(summary[k], 0).strip()}" for k in ("F.Ra", "BWT")]
+        fwt = forward_transfer(metrics["accuracy"], zero) if zero else None
+        if fwt is not None:
+            parts.append(f"FWT {fwt:.1f}")
+        lines += ["", "   ".join(parts)]
     else:
         lines.append(f"(finished {metrics.get('finished', 0)} of {len(names)} tasks)")
     return "\n".join(lines)

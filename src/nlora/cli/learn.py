@@ -12,7 +12,18 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from nlora.config import DEFAULT_L1_LAMBDA, L1_PLACEMENTS, PRECISIONS, TRUNCATIONS, RunConfig
+from nlora.config import (
+    DEFAULT_L1_LAMBDA,
+    L1_PLACEMENTS,
+    OLORA_L2_FORMS,
+    OLORA_ORTH_FORMS,
+    PRECISIONS,
+    PROTOCOLS,
+    SCORERS,
+    TASK_SEEDS,
+    TRUNCATIONS,
+    RunConfig,
+)
 from nlora.errors import ConfigError
 from nlora.orders import ORDERS
 from nlora.presets import EXTRA_OPTIONS, FIELDS, combine_options, make_config, read_options
@@ -48,6 +59,14 @@ def add_run_arguments(parser: argparse.ArgumentParser, with_method: bool = True)
     what.add_argument("--tasks", type=_names, help="custom order, e.g. agnews,SC/yelp,MNLI")
     what.add_argument("--substitute", action="append",
                       help="replace tasks of --order, e.g. yahoo=yelp (data not available)")
+    what.add_argument("--protocol", choices=PROTOCOLS,
+                      help="who decides every option not given: the paper's equations "
+                      "(paper, default) or the released O-LoRA/N-LoRA code's choices, each "
+                      "method's own script (release); the run prints what it set "
+                      "(docs/reproduction.md)")
+    what.add_argument("--instructions", metavar="FILE",
+                      help="JSON/YAML category -> instruction (or the release's "
+                      "instruction_config.json): adds or replaces prompt instructions")
     if with_method:  # `nlora compare` takes --methods instead
         what.add_argument("--method",
                           help="continual-learning method: nlora (default), olora, olora+nlora, "
@@ -67,10 +86,18 @@ def add_run_arguments(parser: argparse.ArgumentParser, with_method: bool = True)
                       help="where the ℓ1 penalty goes: ΔW (N-LoRA, default), A, B, A and B "
                       "separately, or the public code's r x r lora_A @ lora_B (square modules)")
     meth = parser.add_argument_group("method options (docs/methods.md)")
-    meth.add_argument("--olora-lambda1", type=float,
-                      help=f"O-LoRA orthogonality weight λ₁ (default {D.olora_lambda1})")
-    meth.add_argument("--olora-lambda2", type=float,
-                      help=f"O-LoRA ℓ2 weight λ₂ on the new adapter (default {D.olora_lambda2})")
+    meth.add_argument("--olora-lambda1", type=_floats,
+                      help="O-LoRA orthogonality weight λ₁, one or one per task (default: "
+                      f"O-LoRA's scripts, {D.olora_lambda1} for orders 1-3)")
+    meth.add_argument("--olora-lambda2", type=_floats,
+                      help="O-LoRA ℓ2 weight λ₂ on the new adapter, one or one per task "
+                      f"(default: O-LoRA's scripts, {D.olora_lambda2} for orders 1-3)")
+    meth.add_argument("--olora-orth", choices=OLORA_ORTH_FORMS,
+                      help="O-LoRA orthogonality term: sum of |entries| of A_i A_tᵀ as "
+                      "released (abs, default) or the paper's squared Frobenius norm (fro)")
+    meth.add_argument("--olora-l2", choices=OLORA_L2_FORMS,
+                      help="O-LoRA ℓ2 term: sum of each new tensor's ℓ2 norm as released "
+                      "(norm, default) or of its squared entries (squared)")
     meth.add_argument("--replay-fraction", type=float,
                       help="replay: share of each earlier task's training set (default "
                       f"{D.replay_fraction})")
@@ -93,6 +120,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, with_method: bool = True)
     opt.add_argument("--max-source-length", type=int,
                      help=f"prompt tokens kept (default {D.max_source_length})")
     opt.add_argument("--seed", type=int, help=f"random seed (default {D.seed})")
+    opt.add_argument("--task-seed", choices=TASK_SEEDS,
+                     help="task j seeded with seed + j (offset, default) or every task with "
+                     "the seed (same, as the released scripts)")
     opt.add_argument("--group-by-length", action=argparse.BooleanOptionalAction,
                      help="training batches of similar length, still shuffled (default: on)")
     opt.add_argument("--grad-accum", type=int,
@@ -115,7 +145,16 @@ def add_run_arguments(parser: argparse.ArgumentParser, with_method: bool = True)
                     help="greedy generation + exact match (default), or the most likely label")
     ev.add_argument("--eval-on", choices=["seen", "all"],
                     help="evaluate seen tasks after each task (default), or all tasks (full "
-                    "matrix)")
+                    "matrix, unseen-task curves, FWT)")
+    ev.add_argument("--scorer", choices=SCORERS,
+                    help="exact match after lower-casing and removing punctuation and extra "
+                    "spaces, as the field reports (normalised, default), or strict")
+    ev.add_argument("--count-unlabelled", action=argparse.BooleanOptionalAction,
+                    help="keep test rows whose label is not in labels.json (MNLI's '-') in "
+                    "the denominator as wrong answers, as the release (default: left out)")
+    ev.add_argument("--zero-shot", action=argparse.BooleanOptionalAction,
+                    help="evaluate the base model on every task before task 1 (FWT); "
+                    "default: when it adds at most 25%% to the run's estimated work")
     ev.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction,
                     help="run the prompts' shared prefix once in evaluation; same predictions "
                     "(causal models; default: on)")

@@ -1,5 +1,6 @@
-"""IncLoRA (paper Section 4.1; ablation NS of Fig. 6): a fresh LoRA adapter per task, merged
-after the task, with no penalty at all. Exactly the N-LoRA loop at λ = 0."""
+"""IncLoRA (paper Section 4.1): a fresh LoRA adapter per task, merged after the task, with no
+penalty at all: the N-LoRA loop at λ = 0. Its schedule is O-LoRA's (the released IncLoRA runs
+are O-LoRA's code at λ = 0); the paper's ablation NS is ``--method nlora --l1-lambda 0``."""
 
 from __future__ import annotations
 

@@ -1,11 +1,19 @@
 """O-LoRA (Wang et al., 2023; paper eq. 1): a fresh adapter per task kept orthogonal to the
 earlier tasks' adapters.
 
-loss = task loss + λ₁ · Σ_{i<t} Σ_modules ‖A_iᵀ A_t‖²_F + λ₂ · ‖θ_t‖²
+loss = task loss + λ₁ · orth(A_1..A_{t-1}, A_t) + λ₂ · l2(θ_t), with, per ``--olora-orth``:
+
+- ``abs`` (default, the released code): Σ_{i<t} Σ_modules Σ |entries of A_iᵀ A_t|, the form
+  λ₁ = 0.5 was tuned for (O-LoRA's src/uie_trainer_lora.py);
+- ``fro`` (the paper's eq. 1): Σ_{i<t} Σ_modules ‖A_iᵀ A_t‖²_F;
+
+and per ``--olora-l2``: ``norm`` (default, the release) Σ over the new adapter's tensors of
+their ℓ2 (Frobenius) norm, or ``squared`` ‖θ_t‖², the sum of their squared entries.
 
 The paper writes ΔW = A B with A ∈ R^{d_in x r}; PEFT stores lora_A.weight as (r, d_in), so
 the paper's A is lora_A.weightᵀ and A_iᵀ A_t = lora_A_i.weight @ lora_A_t.weightᵀ (r x r),
-as in the O-LoRA code. θ_t is every parameter of the new adapter (its A and B).
+as in the O-LoRA code. θ_t is every parameter of the new adapter (its A and B). λ₁ and λ₂
+may be one value per task (the released long-sequence script varies them).
 
 Earlier updates are merged into the base after each task, but their A factors are kept
 (frozen, detached) for the penalty; each task's saved adapter holds them, so resume reloads
@@ -22,6 +30,7 @@ from transformers import PreTrainedModel
 
 from nlora.adapters import lora_factors
 from nlora.data import Task
+from nlora.errors import ConfigError
 from nlora.methods.nlora import NLoRA
 
 
@@ -31,21 +40,29 @@ def module_key(name: str) -> str:
 
 
 def orthogonality_penalty(
-    model: torch.nn.Module, previous: dict[str, list[torch.Tensor]]
+    model: torch.nn.Module, previous: dict[str, list[torch.Tensor]], form: str = "abs"
 ) -> torch.Tensor:
-    """Σ_i Σ_modules ‖A_iᵀ A_t‖²_F with A = lora_A.weightᵀ (paper orientation)."""
+    """Σ_i Σ_modules of |A_iᵀ A_t| summed (``abs``) or ‖A_iᵀ A_t‖²_F (``fro``), A = lora_Aᵀ."""
+    if form not in ("abs", "fro"):
+        raise ConfigError(f"--olora-orth must be abs or fro, got {form!r}")
     terms = []
     for f in lora_factors(model):
         for old in previous.get(module_key(f.name), []):
-            terms.append((old.to(f.A.device) @ f.A.T).pow(2).sum())
+            product = old.to(f.A.device) @ f.A.T  # (r_i, r): lora_A_i @ lora_A_tᵀ
+            terms.append(product.abs().sum() if form == "abs" else product.pow(2).sum())
     if not terms:
         return torch.zeros((), device=next(model.parameters()).device)
     return torch.stack(terms).sum()
 
 
-def l2_penalty(model: torch.nn.Module) -> torch.Tensor:
-    """‖θ_t‖²: squared ℓ2 norm of the active adapter's A and B."""
-    return torch.stack([f.A.pow(2).sum() + f.B.pow(2).sum() for f in lora_factors(model)]).sum()
+def l2_penalty(model: torch.nn.Module, form: str = "norm") -> torch.Tensor:
+    """Σ over the new adapter's A and B of ‖·‖₂ (``norm``), or of their squares (``squared``)."""
+    if form not in ("norm", "squared"):
+        raise ConfigError(f"--olora-l2 must be norm or squared, got {form!r}")
+    tensors = [t for f in lora_factors(model) for t in (f.A, f.B)]
+    if form == "norm":
+        return torch.stack([t.norm() for t in tensors]).sum()
+    return torch.stack([t.pow(2).sum() for t in tensors]).sum()
 
 
 class OLoRA(NLoRA):
@@ -56,9 +73,11 @@ class OLoRA(NLoRA):
         self.previous_A: dict[str, list[torch.Tensor]] = {}  # module -> earlier tasks' A
 
     def penalty(self, model, index, batch, outputs) -> torch.Tensor | None:
-        loss = self.config.olora_lambda1 * orthogonality_penalty(model, self.previous_A)
-        if self.config.olora_lambda2:
-            loss = loss + self.config.olora_lambda2 * l2_penalty(model)
+        lambda1 = float(self.config.per_task("olora_lambda1", index))
+        lambda2 = float(self.config.per_task("olora_lambda2", index))
+        loss = lambda1 * orthogonality_penalty(model, self.previous_A, self.config.olora_orth)
+        if lambda2:
+            loss = loss + lambda2 * l2_penalty(model, self.config.olora_l2)
         return loss
 
     def end_task(self, model, index: int, task: Task, folder: Path) -> PreTrainedModel:
