@@ -47,6 +47,11 @@ def add_adapter(model: PreTrainedModel, config: RunConfig, is_seq2seq: bool) -> 
     return get_peft_model(model, lora_config(config, is_seq2seq))
 
 
+def module_key(name: str) -> str:
+    """A module's name without PEFT's wrapper prefix, the same before and after merging."""
+    return name.removeprefix("base_model.model.")
+
+
 def lora_factors(model: torch.nn.Module) -> Iterator[LoraFactors]:
     """The active adapter's factors in every adapted module of ``model``."""
     for name, module in model.named_modules():

@@ -5,9 +5,11 @@ Layout::
     RUN/config.yaml            resolved settings (a different config is refused on resume)
     RUN/run.log                log of every run and resume
     RUN/metrics.json           accuracy matrix + AA / F.Ra / BWT, rewritten after each task
-    RUN/tasks/NN-dataset/      one per finished task: adapter/ (PEFT) or the method's own
-                               files, predictions.jsonl, done.json (written last: marks
-                               the task finished); a joint method (mtl) has one 01-joint/
+    RUN/tasks/NN-dataset/      one per finished task: adapter/ (PEFT), sparse_delta.safetensors
+                               (pruned or collision-free updates, nlora.sparse) or the
+                               method's own files, predictions.jsonl, done.json (written
+                               last: marks the task finished); a joint method (mtl) has one
+                               01-joint/
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from nlora.data import Task
 from nlora.errors import ConfigError
 from nlora.io import write_text_atomic
 from nlora.metrics import summarize
-from nlora.param_metrics import LoraUpdate
+from nlora.param_metrics import TaskUpdate
+from nlora.sparse import SPARSE_DELTA_FILE, read_sparse_delta
 
 
 def task_folder(out_dir: Path, index: int, task: Task) -> Path:
@@ -110,14 +113,18 @@ def finished_task_dirs(run_dir: Path | str) -> list[Path]:
     return finished
 
 
-def load_task_updates(run_dir: Path | str) -> list[dict[str, LoraUpdate]]:
-    """Every finished task's LoRA adapter, in training order, up to the first without one."""
-    updates = []
+def load_task_updates(run_dir: Path | str) -> list[dict[str, TaskUpdate]]:
+    """Every finished task's update, in training order, up to the first without one: its
+    sparse delta (``sparse_delta.safetensors``) where it saved one, else its LoRA adapter."""
+    updates: list[dict[str, TaskUpdate]] = []
     for folder in finished_task_dirs(run_dir):
         adapter = folder / "adapter"
-        if not (adapter / "adapter_model.safetensors").is_file():
+        if (folder / SPARSE_DELTA_FILE).is_file():
+            updates.append(dict(read_sparse_delta(folder / SPARSE_DELTA_FILE)))
+        elif (adapter / "adapter_model.safetensors").is_file():
+            updates.append(dict(read_lora_updates(adapter)))
+        else:
             break
-        updates.append(read_lora_updates(adapter))
     return updates
 
 

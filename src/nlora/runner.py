@@ -147,6 +147,10 @@ def _run(
         if accelerator.is_main_process:
             folder.mkdir(parents=True, exist_ok=True)
         model = method.end_task(model, j, task, folder)
+        chosen = method.task_info(j)  # e.g. an automatic λ, the density a pruning kept
+        scalars = {k: v for k, v in chosen.items() if isinstance(v, int | float)}
+        if scalars:
+            log.info("%s: %s", label, ", ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
         every = joint or config.eval_on == "all"
         seen = list(range(len(tasks))) if every else list(range(j + 1))
         start = time.perf_counter()
@@ -156,7 +160,9 @@ def _run(
         )
         eval_seconds = time.perf_counter() - start
         if accelerator.is_main_process:
-            _write_task_record(folder, j, tasks, predictions, result, eval_seconds, joint)
+            _write_task_record(
+                folder, j, tasks, predictions, result, eval_seconds, joint, chosen
+            )
             method.task_recorded(j, folder)
             metrics = collect_metrics(out_dir, tasks, joint, config.eval_mode)
             write_json_atomic(out_dir / "metrics.json", metrics)
@@ -180,6 +186,7 @@ def _write_task_record(
     result: Any,
     eval_seconds: float,
     joint: bool = False,
+    method_info: dict[str, Any] | None = None,
 ) -> None:
     lines = [
         json.dumps(
@@ -201,6 +208,7 @@ def _write_task_record(
                       "first_loss": result.first_loss, "last_loss": result.last_loss,
                       "last_penalty": result.last_penalty},
             "eval_seconds": round(eval_seconds, 2),
+            **({"method": method_info} if method_info else {}),
         },
     )
 

@@ -75,6 +75,7 @@ def train_task(
                 raise FloatingPointError(f"{desc}: loss became {float(loss)} at step {steps}")
             accelerator.backward(loss)
             optimizer.step()
+            method.after_step(accelerator.unwrap_model(model), index, optimizer)
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(outputs.loss.detach()))
             steps += 1

@@ -50,6 +50,7 @@ def l2_penalty(model: torch.nn.Module) -> torch.Tensor:
 
 class OLoRA(NLoRA):
     name = "olora"
+    uses_l1 = False
 
     def __init__(self, config, is_seq2seq: bool) -> None:
         super().__init__(config, is_seq2seq)
