@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import shutil
 import statistics
@@ -45,7 +46,7 @@ from nlora.rundir import finished_task_dirs
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-DEFAULT_DATA = REPO.parent / "shared" / "CL_Benchmark"
+DEFAULT_DATA = Path(os.environ.get("NLORA_DATA", REPO.parent / "shared" / "CL_Benchmark"))
 
 # The tasks: three categories, short prompts (median 49 / 101 / 78 tokens with SmolLM2's
 # tokenizer), so that 3 seeds x 8 variants fit in about 2 hours on 2 CPU cores.
@@ -73,7 +74,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "seqlora": {"method": "seqlora"},
 }
 
-QUICK = {"train_per_task": 16, "test_per_task": 16, "epochs": 1, "batch_size": 8,
+# --quick: one optimiser step and 8 test rows per task, one seed, rank scoring
+QUICK = {"train_per_task": 8, "test_per_task": 8, "epochs": 1, "batch_size": 8,
          "max_source_length": 128}
 
 # two-sided 95 % t quantiles t_{0.975, df}
@@ -271,7 +273,9 @@ def markdown(study: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                        help="CL_Benchmark folder (default $NLORA_DATA, else "
+                        "../shared/CL_Benchmark)")
     parser.add_argument("--out", type=Path, default=None,
                         help="study folder (default runs/sparsity-study, or "
                         "runs/sparsity-quick with --quick)")
@@ -286,7 +290,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--quick", action="store_true",
-                        help="16 rows per task, one seed, rank scoring: checks the machinery")
+                        help="8 rows per task, one seed, rank scoring: checks the machinery")
     parser.add_argument("--no-report", action="store_true",
                         help="skip `nlora report` on the first seed's runs")
     parser.add_argument("--analyse-only", action="store_true",

@@ -87,7 +87,10 @@ class NLoRA(ContinualMethod):
         super().__init__(config, is_seq2seq)
         # collision-free mode: module -> positions some earlier task wrote (exact support)
         self.used: dict[str, torch.Tensor] = {}
+        self.allowed: dict[str, torch.Tensor] | None = None  # this task's writable positions
         self.info: dict[int, dict[str, Any]] = {}
+        self.l1_lambda, self.l1_auto = 0.0, False
+        self.steps, self.auto_losses = 0, []  # optimiser steps and losses of this task
 
     @property
     def sparse_output(self) -> bool:
@@ -104,7 +107,8 @@ class NLoRA(ContinualMethod):
             check_reference_shapes(model)  # refuse before any training
         self.allowed = None
         if self.config.collision_free and self.used:
-            self.allowed = {key: ~used for key, used in self.used.items()}
+            device = next(model.parameters()).device
+            self.allowed = {key: (~used).to(device) for key, used in self.used.items()}
             mask_lora_layers(model, self.allowed)
         return model
 
