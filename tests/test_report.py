@@ -145,7 +145,8 @@ def test_report_writes_every_figure_and_table(runs: dict, tmp_path: Path) -> Non
     md = (out / "report.md").read_text()
     for figure in expected[2:]:
         assert f"({figure})" in md
-    assert "| run | method | T | AA | pooled AA | F.Ra | BWT | FWT | OO | AWOM | GSR | ACR |" in md
+    assert ("| run | method | T | AA | pooled AA | F.Ra | BWT | FWT | OO | AWOM | GSR | "
+            "density (τ 0.01 rel) | density (exact) | ACR (τ 0.01 rel) | ACR (exact) |") in md
     assert "no LoRA adapters" in md and "layers.1.self_attn.v_proj" in md
     data = json.loads((out / "metrics.json").read_text())
     assert [r["name"] for r in data] == ["olora", "nlora", "seqft"]

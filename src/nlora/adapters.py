@@ -74,6 +74,11 @@ def check_adapter(
         peft_model.unload()  # the base model as it was, without LoRA layers
 
 
+def module_key(name: str) -> str:
+    """A module's name without PEFT's wrapper prefix, the same before and after merging."""
+    return name.removeprefix("base_model.model.")
+
+
 def lora_factors(model: torch.nn.Module) -> Iterator[LoraFactors]:
     """The active adapter's factors in every adapted module of ``model``."""
     for name, module in model.named_modules():

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from nlora.metrics import forgetting, forward_transfer, unseen_generalisation
@@ -22,8 +23,10 @@ from nlora.param_metrics import (
     RELATIVE_GRID,
     LoraUpdate,
     MatrixNorm,
+    TaskUpdate,
     ThresholdMode,
     average_collision_rate,
+    awom_pair,
     awom_pair_lowrank,
     collision_counts_over_thresholds,
     density,
@@ -33,6 +36,7 @@ from nlora.param_metrics import (
     nonzero_mask,
     nuclear_norm,
     oo_pair,
+    singular_values,
     singular_values_lowrank,
     subspace_use,
 )
@@ -53,18 +57,42 @@ def _square(t: int, fill: float | None = None) -> list[list[float | None]]:
     return [[fill] * t for _ in range(t)]
 
 
+def _singular_values(u: TaskUpdate, dw: Any) -> Any:
+    return singular_values_lowrank(u) if isinstance(u, LoraUpdate) else singular_values(dw)
+
+
+def _awom(u_t: TaskUpdate, u_i: TaskUpdate, dw_t: Any, dw_i: Any, norm: MatrixNorm) -> float:
+    if isinstance(u_t, LoraUpdate) and isinstance(u_i, LoraUpdate):
+        return awom_pair_lowrank(u_t, u_i, norm)
+    return awom_pair(dw_t, dw_i, norm)
+
+
+def _oo(u_i: TaskUpdate, u_t: TaskUpdate) -> float | None:
+    """OO is defined on LoRA factors (eq. 7): None where an update is a sparse delta."""
+    if isinstance(u_i, LoraUpdate) and isinstance(u_t, LoraUpdate):
+        return oo_pair(u_i.A, u_t.A)
+    return None
+
+
 def analyse_updates(
-    tasks: list[dict[str, LoraUpdate]],
+    tasks: list[dict[str, TaskUpdate]],
     threshold: float = DEFAULT_THRESHOLD,
     mode: ThresholdMode = DEFAULT_MODE,
     awom_norm: MatrixNorm = DEFAULT_AWOM_NORM,
     curve_thresholds: Sequence[float] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """All parameter-space metrics of a sequence of task adapters (see analyse_run)."""
+    """All parameter-space metrics of a sequence of task updates (see analyse_run).
+
+    Updates are LoRA factors or sparse deltas. Density and collision rates come at the given
+    threshold and at exactly zero (``*_exact``: |x| > 0), so exactly sparse updates are
+    judged on their true zeros; OO needs LoRA factors and is None for sparse deltas.
+    """
     t = len(tasks)
     grid = list(curve_thresholds or (RELATIVE_GRID if mode == "relative" else ABSOLUTE_GRID))
-    all_thresholds = grid + [threshold]
+    # the curve, the chosen threshold, then 0 (exact zeros; in relative mode too, since
+    # |x| > 0 · max|ΔW| is |x| > 0)
+    all_thresholds = grid + [threshold, 0.0]
     modules = [m for m in tasks[0] if all(m in task for task in tasks)] if tasks else []
     per_module: dict[str, Any] = {}
     # pooled accumulators: the whole adapter seen as one long vector
@@ -72,39 +100,47 @@ def analyse_updates(
     l2sq = [0.0] * t
     numel = [0] * t
     nonzero = [0] * t
-    oo_sum = _square(t, 0.0)
+    nonzero_exact = [0] * t
+    oo_sum: list[list[float | None]] = _square(t, 0.0)
     awom_sum = _square(t, 0.0)
     collisions = [[[0] * len(all_thresholds) for _ in range(t)] for _ in range(t)]
     for module in tqdm(modules, desc="modules", disable=not progress, leave=False):
         ups = [task[module] for task in tasks]
         dws = [u.delta() for u in ups]
-        svs = [singular_values_lowrank(u) for u in ups]
+        svs = [_singular_values(u, dw) for u, dw in zip(ups, dws, strict=True)]
         entry: dict[str, Any] = {
             "shape": list(ups[0].shape),
             "layer": layer_index(module),
             "gsr": [gsr(dw) for dw in dws],
             "density": [density(dw, threshold, mode) for dw in dws],
+            "density_exact": [density(dw, 0.0, mode) for dw in dws],
             "nuclear_norm": [nuclear_norm(sv) for sv in svs],
             "spectral_norm": [float(sv.max()) for sv in svs],
             "subspace_use": [subspace_use(sv) for sv in svs],
-            "rank": [u.A.shape[0] for u in ups],
+            "rank": [u.A.shape[0] if isinstance(u, LoraUpdate) else None for u in ups],
         }
-        oo, aw, cr = _square(t), _square(t), _square(t)
+        oo, aw, cr, cr_exact = _square(t), _square(t), _square(t), _square(t)
         for i in range(t):
             l1[i] += float(dws[i].abs().sum())
             l2sq[i] += float(dws[i].double().pow(2).sum())
             numel[i] += dws[i].numel()
             nonzero[i] += int(nonzero_mask(dws[i], threshold, mode).sum())
+            nonzero_exact[i] += int(torch.count_nonzero(dws[i]))
             for j in range(i + 1, t):
-                oo[i][j] = oo[j][i] = oo_pair(ups[i].A, ups[j].A)
-                aw[i][j] = aw[j][i] = awom_pair_lowrank(ups[j], ups[i], awom_norm)
+                oo[i][j] = oo[j][i] = _oo(ups[i], ups[j])
+                aw[i][j] = aw[j][i] = _awom(ups[j], ups[i], dws[j], dws[i], awom_norm)
                 counts = collision_counts_over_thresholds(dws[i], dws[j], all_thresholds, mode)
-                cr[i][j] = cr[j][i] = counts[-1] / dws[i].numel()
-                oo_sum[i][j] += oo[i][j]
+                cr[i][j] = cr[j][i] = counts[-2] / dws[i].numel()
+                cr_exact[i][j] = cr_exact[j][i] = counts[-1] / dws[i].numel()
+                oo_sum[i][j] = (
+                    None if oo[i][j] is None or oo_sum[i][j] is None
+                    else oo_sum[i][j] + oo[i][j]
+                )
                 awom_sum[i][j] += aw[i][j]
                 for k, c in enumerate(counts):
                     collisions[i][j][k] += c
-        entry.update({"oo": oo, "awom": aw, "cr": cr, "acr": average_collision_rate(cr)})
+        entry.update({"oo": oo, "awom": aw, "cr": cr, "acr": average_collision_rate(cr),
+                      "cr_exact": cr_exact, "acr_exact": average_collision_rate(cr_exact)})
         per_module[module] = entry
     for i in range(t):
         oo_sum[i][i] = awom_sum[i][i] = None  # a task against itself is not a pair
@@ -119,7 +155,8 @@ def analyse_updates(
                 cr[i][j] = cr[j][i] = collisions[i][j][k] / total
         return cr
 
-    pooled_cr = cr_at(len(all_thresholds) - 1)
+    pooled_cr = cr_at(len(all_thresholds) - 2)
+    pooled_cr_exact = cr_at(len(all_thresholds) - 1)
     task_gsr = [gsr_from_norms(l1[i], l2sq[i], numel[i]) for i in range(t)]
     task_use = [
         _mean([per_module[m]["subspace_use"][i] for m in modules]) for i in range(t)
@@ -135,27 +172,39 @@ def analyse_updates(
         "per_task": {
             "gsr": task_gsr,
             "density": [nonzero[i] / numel[i] if numel[i] else math.nan for i in range(t)],
+            "density_exact": [
+                nonzero_exact[i] / numel[i] if numel[i] else math.nan for i in range(t)
+            ],
             "subspace_use": task_use,
             "nuclear_norm": task_nuclear,
             # OO_t / AWOM_t: task t against every earlier task, summed over modules
-            "oo": [sum(oo_sum[i][j] for i in range(j)) if j else None for j in range(t)],
+            "oo": [_sum([oo_sum[i][j] for i in range(j)]) if j else None for j in range(t)],
             "awom": [sum(awom_sum[i][j] for i in range(j)) if j else None for j in range(t)],
         },
-        "pairs": {"oo": oo_sum, "awom": awom_sum, "cr": pooled_cr},
+        "pairs": {"oo": oo_sum, "awom": awom_sum, "cr": pooled_cr, "cr_exact": pooled_cr_exact},
         "acr_curve": {
             "thresholds": grid,
             "acr": [average_collision_rate(cr_at(k)) for k in range(len(grid))],
         },
         "summary": {
-            "OO": sum(oo_sum[i][t - 1] for i in range(t - 1)) if t > 1 else math.nan,
+            "OO": _sum([oo_sum[i][t - 1] for i in range(t - 1)]) if t > 1 else math.nan,
             "AWOM": sum(awom_sum[i][t - 1] for i in range(t - 1)) if t > 1 else math.nan,
             "GSR": _mean(task_gsr),
             "ACR": average_collision_rate(pooled_cr),
+            "ACR_exact": average_collision_rate(pooled_cr_exact),
+            "density": _mean([nonzero[i] / numel[i] for i in range(t) if numel[i]]),
+            "density_exact": _mean([nonzero_exact[i] / numel[i] for i in range(t) if numel[i]]),
             "subspace_use": _mean(task_use),
             "nuclear_norm": _mean(task_nuclear),
-            "rank": max((per_module[m]["rank"][0] for m in modules), default=None),
+            "rank": max((r for m in modules if (r := per_module[m]["rank"][0]) is not None),
+                        default=None),
         },
     })
+
+
+def _sum(values: Sequence[float | None]) -> float | None:
+    """A sum that is undefined (None) when any term is (OO of a sparse delta)."""
+    return None if any(v is None for v in values) else sum(values)  # type: ignore[arg-type]
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -168,6 +217,24 @@ def is_cumulative_adapter(method: str | None) -> bool:
     from nlora.methods import METHODS  # PEFT and the methods: only when a run is read
 
     return bool(method in METHODS and METHODS[method].cumulative_adapter)
+
+
+def method_label(config: dict[str, Any]) -> str | None:
+    """The method's name with the exact-sparsity options it ran with, e.g.
+    ``nlora+prune0.05+cf`` (``nlora`` alone for the paper's method)."""
+    method = config.get("method")
+    if method is None:
+        return None
+    label = str(method)
+    if config.get("l1_lambda") == "auto":
+        label += "+λauto"
+    if config.get("prox_lambda"):
+        label += f"+prox{config['prox_lambda']:g}"
+    if config.get("prune_density") is not None:
+        label += f"+prune{config['prune_density']:g}"
+    if config.get("collision_free"):
+        label += "+cf"
+    return label
 
 
 def analyse_run(
@@ -211,7 +278,7 @@ def analyse_run(
     result: dict[str, Any] = {
         "name": run_dir.name,
         "dir": str(run_dir),
-        "method": config.get("method"),
+        "method": method_label(config),
         "model": config.get("model"),
         "tasks": tasks,
         "accuracy": accuracy,

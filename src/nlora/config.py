@@ -65,6 +65,11 @@ def _whole(flag: str, value: Any, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ConfigError(f"{flag} must be a whole number of at least {low}, got {value}")
 
+# Methods with a fresh adapter per task whose ΔW can be made exactly sparse (prox, pruning,
+# collision-free mode): docs/method.md, "Exact sparsity".
+SPARSE_METHODS = ("nlora", "inclora")
+L1_AUTO = "auto"  # --l1-lambda auto: λ calibrated at the start of each task
+
 
 @dataclass
 class RunConfig:
@@ -81,8 +86,16 @@ class RunConfig:
     target_modules: list[str] | None = None  # None: PEFT's query/value default for the model
     protocol: str = "paper"  # paper | release: who decides what the user did not give
     # N-LoRA sparsity
-    l1_lambda: PerTask = DEFAULT_L1_LAMBDA
+    l1_lambda: PerTask | str = DEFAULT_L1_LAMBDA  # or "auto" (l1_auto_ratio, l1_auto_steps)
     l1_on: str = "deltaw"
+    # --l1-lambda auto: after l1_auto_steps optimiser steps without penalty, λ is set so that
+    # λ·‖ΔW‖₁ = l1_auto_ratio × the mean task loss of those steps (docs/method.md)
+    l1_auto_ratio: float = 1.0
+    l1_auto_steps: int = 5
+    # Exact sparsity (methods in SPARSE_METHODS; docs/method.md, "Exact sparsity")
+    prox_lambda: float = 0.0  # after every step, shrink each entry of A and B by lr·prox_lambda
+    prune_density: float | None = None  # at task end keep this share of each module's ΔW
+    collision_free: bool = False  # a task never writes a position an earlier task wrote
     # other methods' knobs; meaning, defaults and their sources: docs/methods.md
     olora_lambda1: PerTask = 0.5  # O-LoRA orthogonality weight (O-LoRA scripts)
     olora_lambda2: PerTask = 0.0  # O-LoRA ℓ2 weight on the new adapter (O-LoRA scripts)
@@ -151,9 +164,15 @@ class RunConfig:
         for name in PER_TASK_OPTIONS:  # a per-task list must have one value per task
             for i in range(len(self.tasks)):
                 self.per_task(name, i)
+        if isinstance(self.l1_lambda, str) and self.l1_lambda != L1_AUTO:
+            raise ConfigError(f"--l1-lambda must be numbers or 'auto', got {self.l1_lambda!r}")
+        _check("--l1-auto-ratio", self.l1_auto_ratio, low=0, above=True)
+        _whole("--l1-auto-steps", self.l1_auto_steps, 1)
+        self._validate_sparsity()
         for i in range(len(self.tasks)):
             _check("--lr", self.per_task("learning_rate", i), low=0, above=True)
-            _check("--l1-lambda", self.per_task("l1_lambda", i), low=0)
+            if self.l1_lambda != L1_AUTO:
+                _check("--l1-lambda", self.per_task("l1_lambda", i), low=0)
             epochs = self.per_task("epochs", i)
             if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
                 raise ConfigError(f"--epochs must be a whole number of at least 1, got {epochs}")
@@ -210,6 +229,31 @@ class RunConfig:
             raise ConfigError(f"--eval-on must be 'seen' or 'all', got {self.eval_on!r}")
         if self.eval_mode not in ("generate", "rank"):
             raise ConfigError(f"--eval-mode must be generate or rank, got {self.eval_mode!r}")
+
+    @property
+    def sparse_options(self) -> list[str]:
+        """The exact-sparsity flags this config sets."""
+        given = []
+        if self.prox_lambda:
+            given.append("--prox-lambda")
+        if self.prune_density is not None:
+            given.append("--prune-density")
+        if self.collision_free:
+            given.append("--collision-free")
+        return given
+
+    def _validate_sparsity(self) -> None:
+        if self.prox_lambda < 0:
+            raise ConfigError(f"--prox-lambda must be >= 0, got {self.prox_lambda}")
+        if self.prune_density is not None and not 0 < self.prune_density <= 1:
+            raise ConfigError(f"--prune-density must be in (0, 1], got {self.prune_density}")
+        given = self.sparse_options
+        if given and self.method not in SPARSE_METHODS:
+            raise ConfigError(f"{', '.join(given)} apply to --method {' or '.join(SPARSE_METHODS)}"
+                              f", not {self.method}")
+        if self.collision_free and self.prune_density is None and not self.prox_lambda:
+            raise ConfigError("--collision-free needs exact zeros, or the first task fills every "
+                              "position: add --prune-density or --prox-lambda")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -234,6 +234,27 @@ def update_difference(new: LoraUpdate, old: LoraUpdate) -> LoraUpdate:
     )
 
 
+@dataclass(frozen=True)
+class SparseUpdate:
+    """One module's task update stored as its non-zero entries (a pruned or masked ΔW).
+
+    ``indices`` are flat row-major positions in the (out, in) matrix, sorted ascending;
+    ``values`` the entries there. Every other entry is exactly zero.
+    """
+
+    shape: tuple[int, int]  # (out, in), PEFT orientation
+    indices: torch.Tensor  # (nnz,) int64
+    values: torch.Tensor  # (nnz,)
+
+    def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        dense = torch.zeros(self.shape[0] * self.shape[1], dtype=dtype)
+        dense[self.indices] = self.values.to(dtype)
+        return dense.view(self.shape)
+
+
+TaskUpdate = LoraUpdate | SparseUpdate
+
+
 def awom_pair_lowrank(
     u_t: LoraUpdate, u_i: LoraUpdate, norm: MatrixNorm = DEFAULT_AWOM_NORM
 ) -> float:

@@ -88,7 +88,8 @@ def _summary_rows(results: list[dict[str, Any]]) -> list[list[Any]]:
         s, p = r["scores"], (r["parameter"] or {}).get("summary", {})
         rows.append([r["name"], str(r["method"]), str(len(r["tasks"])),
                      s.get("AA"), s.get("AA_pooled"), s.get("F.Ra"), s.get("BWT"), s.get("FWT"),
-                     p.get("OO"), p.get("AWOM"), p.get("GSR"), p.get("ACR"),
+                     p.get("OO"), p.get("AWOM"), p.get("GSR"), p.get("density"),
+                     p.get("density_exact"), p.get("ACR"), p.get("ACR_exact"),
                      p.get("subspace_use"), p.get("nuclear_norm"),
                      _unseen_cell(r)])
     return rows
@@ -132,6 +133,7 @@ def write_report(
     md = [f"# nlora report: {', '.join(names)}", ""]
     thr = f"{opts.threshold:g}" + (" × max|ΔW| per matrix" if opts.threshold_mode == "relative"
                                     else " (absolute)")
+    thr_short = f"{opts.threshold:g}" + (" rel" if opts.threshold_mode == "relative" else " abs")
     md += [
         "Definitions, with the paper's equation numbers and the choices where it is ambiguous, "
         "are in `docs/metrics.md`. Settings: an entry of ΔW counts as non-zero when "
@@ -139,13 +141,17 @@ def write_report(
         "norm. OO and AWOM are the last task against all earlier ones, summed over modules; "
         "GSR is each task's whole adapter taken as one vector, averaged over tasks (lower = "
         "sparser); subspace use is ‖ΔW‖\\*/‖ΔW‖₂ ≤ r, averaged over modules and tasks, with "
-        "the raw nuclear norm ‖ΔW‖\\* beside it.",
+        "the raw nuclear norm ‖ΔW‖\\* beside it. Density and ACR are given at the threshold "
+        "and at exactly zero (**exact**: |x| > 0), so exactly sparse updates are judged on "
+        "their true zeros; GSR has no threshold. OO is defined on LoRA factors and shown as – "
+        "for updates saved as sparse deltas (pruned or collision-free runs).",
         "",
         "## Summary",
         "",
         _table(["run", "method", "T", "AA", "pooled AA", "F.Ra", "BWT", "FWT", "OO", "AWOM",
-                "GSR", "ACR",
-                "subspace use", "‖ΔW‖*", "unseen (final)"], _summary_rows(results)),
+                "GSR", f"density (τ {thr_short})", "density (exact)", f"ACR (τ {thr_short})",
+                "ACR (exact)", "subspace use", "‖ΔW‖*", "unseen (final)"],
+               _summary_rows(results)),
         "",
     ]
     notes = [(r["name"], n) for r in results for n in r["notes"]]
@@ -182,14 +188,16 @@ def write_report(
         md += _collision_section(r, opts, out, slug)
         pt = p["per_task"]
         rows = [[f"{k + 1}. {r['tasks'][k] if k < len(r['tasks']) else ''}",
-                 pt["gsr"][k], pt["density"][k], pt["subspace_use"][k], pt["nuclear_norm"][k],
-                 pt["oo"][k], pt["awom"][k]] for k in range(len(pt["gsr"]))]
+                 pt["gsr"][k], pt["density"][k], pt["density_exact"][k], pt["subspace_use"][k],
+                 pt["nuclear_norm"][k], pt["oo"][k], pt["awom"][k]]
+                for k in range(len(pt["gsr"]))]
         md += ["Per task (OO_t, AWOM_t: task t against all earlier tasks, summed over modules):",
                "",
-               _table(["task", "GSR", "density", "subspace use", "‖ΔW‖*", "OO_t", "AWOM_t"],
-                      rows), ""]
+               _table(["task", "GSR", "density", "density (exact)", "subspace use", "‖ΔW‖*",
+                       "OO_t", "AWOM_t"], rows), ""]
         if len(pt["gsr"]) > 1:
             for key, title in [("cr", "Collision rate CR_ij (eq. 11, pooled over modules)"),
+                               ("cr_exact", "Collision rate CR_ij at exactly zero (|x| > 0)"),
                                ("oo", "‖A_iᵀA_j‖²_F summed over modules (eq. 7 terms)"),
                                ("awom", "‖ΔW_jᵀΔW_i‖ summed over modules (eq. 8 terms)")]:
                 md += [f"{title}:", "", _square_table(p["pairs"][key], r["tasks"]), ""]

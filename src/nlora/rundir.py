@@ -11,9 +11,10 @@ Layout::
     RUN/zero_shot/             the base model on every task before task 1 (when made):
                                predictions.jsonl, done.json
     RUN/tasks/NN-dataset/      one per finished task: adapter/ (PEFT, with loads_on.json:
-                               what it must be loaded on) or the method's own files,
-                               predictions.jsonl, done.json (written last: marks the task
-                               finished); a joint method (mtl) has one 01-joint/
+                               what it must be loaded on), sparse_delta.safetensors (pruned or
+                               collision-free updates, nlora.sparse) or the method's own
+                               files, predictions.jsonl, done.json (written last: marks the
+                               task finished); a joint method (mtl) has one 01-joint/
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from nlora.data import Task
 from nlora.errors import ConfigError
 from nlora.io import write_text_atomic
 from nlora.metrics import summarize
-from nlora.param_metrics import LoraUpdate, update_difference
+from nlora.param_metrics import LoraUpdate, TaskUpdate, update_difference
+from nlora.sparse import SPARSE_DELTA_FILE, read_sparse_delta
 
 
 def task_folder(out_dir: Path, index: int, task: Task) -> Path:
@@ -272,23 +274,28 @@ def finished_task_dirs(run_dir: Path | str) -> list[Path]:
 
 def load_task_updates(
     run_dir: Path | str, cumulative: bool = False
-) -> list[dict[str, LoraUpdate]]:
-    """Every finished task's LoRA update, in training order, up to the first without one.
+) -> list[dict[str, TaskUpdate]]:
+    """Every finished task's update, in training order, up to the first without one: its
+    sparse delta (``sparse_delta.safetensors``) where it saved one, else its LoRA adapter.
 
     ``cumulative``: each saved adapter holds all updates so far (SeqLoRA), so task t's own
     update is its adapter minus task t-1's (kept factored, rank 2r).
     """
-    adapters = []
+    updates: list[dict[str, TaskUpdate]] = []
     for folder in finished_task_dirs(run_dir):
         adapter = folder / "adapter"
-        if not (adapter / "adapter_model.safetensors").is_file():
+        if (folder / SPARSE_DELTA_FILE).is_file():
+            updates.append(dict(read_sparse_delta(folder / SPARSE_DELTA_FILE)))
+        elif (adapter / "adapter_model.safetensors").is_file():
+            updates.append(dict(read_lora_updates(adapter)))
+        else:
             break
-        adapters.append(read_lora_updates(adapter))
     if not cumulative:
-        return adapters
-    updates = adapters[:1]
+        return updates
+    adapters, updates = updates, updates[:1]
     for previous, current in zip(adapters, adapters[1:], strict=False):
-        updates.append({m: update_difference(u, previous[m]) for m, u in current.items()})
+        updates.append({m: update_difference(u, previous[m]) for m, u in current.items()
+                        if isinstance(u, LoraUpdate)})
     return updates
 
 

@@ -428,9 +428,10 @@ def _run(
                 on_step=log_step,
             )
         except Diverged as err:
+            l1 = method.task_info(j).get("l1_lambda", config.per_task("l1_lambda", j))
             message = (
                 f"{label} diverged: {err}, with --lr {learning_rate:g} and --l1-lambda "
-                f"{float(config.per_task('l1_lambda', j)):g} (method {config.method}); lower "
+                f"{l1} (method {config.method}); lower "
                 f"them and rerun with another --out; the {j} finished task(s) in {out_dir} "
                 "are intact"
             )
@@ -447,6 +448,10 @@ def _run(
         model = method.end_task(model, j, task, folder)
         if accelerator.is_main_process:
             record_adapter_base(out_dir, folder, j, tasks, config, method)
+        chosen = method.task_info(j)  # e.g. an automatic λ, the density a pruning kept
+        scalars = {k: v for k, v in chosen.items() if isinstance(v, int | float)}
+        if scalars:
+            log.info("%s: %s", label, ", ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
         every = joint or config.eval_on == "all"
         seen = list(range(len(tasks))) if every else list(range(j + 1))
         start = time.perf_counter()
@@ -464,6 +469,7 @@ def _run(
                           "first_loss": result.first_loss, "last_loss": result.last_loss,
                           "last_penalty": result.last_penalty},
                 "eval_seconds": round(eval_seconds, 2),
+                **({"method": chosen} if chosen else {}),
             }
             _write_record(folder, judge.lines(tasks, predictions), record)
             method.task_recorded(j, folder)

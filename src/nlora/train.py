@@ -196,6 +196,7 @@ def train_task(
                 if max_grad_norm:
                     accelerator.clip_grad_norm_(params, max_grad_norm)
                 optimizer.step()
+                method.after_step(model, index, optimizer)
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(task_loss)
                 steps += 1

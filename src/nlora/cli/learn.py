@@ -14,6 +14,7 @@ from typing import Any
 
 from nlora.config import (
     DEFAULT_L1_LAMBDA,
+    L1_AUTO,
     L1_PLACEMENTS,
     OLORA_L2_FORMS,
     OLORA_ORTH_FORMS,
@@ -34,6 +35,10 @@ D = RunConfig()  # RunConfig's defaults, quoted in the help
 def _floats(text: str) -> float | list[float]:
     values = [float(x) for x in text.split(",")]
     return values[0] if len(values) == 1 else values
+
+
+def _lambdas(text: str) -> float | list[float] | str:
+    return L1_AUTO if text.strip().lower() == L1_AUTO else _floats(text)
 
 
 def _ints(text: str) -> int | list[int]:
@@ -79,9 +84,26 @@ def add_run_arguments(parser: argparse.ArgumentParser, with_method: bool = True)
                       help=f"LoRA dropout (default {D.lora_dropout})")
     lora.add_argument("--target-modules", type=_names,
                       help="modules to adapt (default: the model type's query and value)")
-    lora.add_argument("--l1-lambda", type=_floats,
+    lora.add_argument("--l1-lambda", type=_lambdas,
                       help=f"ℓ1 weight, one value or one per task (default {DEFAULT_L1_LAMBDA}, "
-                      "scaled by the order's paper λ)")
+                      "scaled by the order's paper λ), or 'auto': calibrated per task so that "
+                      "λ·‖ΔW‖₁ = --l1-auto-ratio × task loss after --l1-auto-steps steps")
+    lora.add_argument("--l1-auto-ratio", type=float,
+                      help=f"--l1-lambda auto: penalty / task loss (default {D.l1_auto_ratio})")
+    lora.add_argument("--l1-auto-steps", type=int,
+                      help="--l1-lambda auto: optimiser steps without penalty before λ is "
+                      f"chosen (default {D.l1_auto_steps})")
+    lora.add_argument("--prox-lambda", type=float,
+                      help="exact zeros by a proximal step: after every optimiser step shrink "
+                      "each entry of A and B towards 0 by lr × this (nlora, inclora; default 0: "
+                      "off)")
+    lora.add_argument("--prune-density", type=float,
+                      help="exact zeros by pruning: at the end of each task keep this share of "
+                      "each module's ΔW entries, the largest; saved as a sparse delta (nlora, "
+                      "inclora; default: no pruning)")
+    lora.add_argument("--collision-free", action=argparse.BooleanOptionalAction,
+                      help="a task never writes a weight an earlier task wrote (mask from their "
+                      "exact supports; needs --prune-density or --prox-lambda)")
     lora.add_argument("--l1-on", choices=L1_PLACEMENTS,
                       help="where the ℓ1 penalty goes: ΔW (N-LoRA, default), A, B, A and B "
                       "separately, or the public code's r x r lora_A @ lora_B (square modules)")

@@ -1,7 +1,8 @@
 """The one interface every continual-learning method implements.
 
 The continual loop (``nlora.runner``) calls, for each task in order:
-``train_examples`` -> ``begin_task`` -> (training steps, adding ``penalty``) -> ``end_task``,
+``train_examples`` -> ``begin_task`` -> (training steps, adding ``penalty``, then
+``after_step`` after each optimiser step) -> ``end_task``,
 then evaluates ``eval_model`` on every seen task and, once the task's record is written,
 calls ``task_recorded``. On resume, ``restore_task`` replays what ``end_task`` left on disk
 instead of training again.
@@ -58,6 +59,15 @@ class ContinualMethod:
     ) -> torch.Tensor | None:
         """An extra loss term added to the task loss at every step (None: nothing)."""
         return None
+
+    def after_step(self, model: torch.nn.Module, index: int, optimizer: Any) -> None:
+        """Called once after every optimiser step (not per micro-batch under gradient
+        accumulation), e.g. for a proximal update of the trainable parameters."""
+
+    def task_info(self, index: int) -> dict[str, Any]:
+        """What the method chose or measured for task ``index`` (e.g. an automatic λ, the
+        density it kept): recorded in that task's done.json under "method"."""
+        return {}
 
     def end_task(
         self, model: torch.nn.Module, index: int, task: Task, folder: Path

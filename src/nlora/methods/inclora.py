@@ -11,6 +11,7 @@ from nlora.methods.nlora import NLoRA
 
 class IncLoRA(NLoRA):
     name = "inclora"
+    uses_l1 = False
 
     def penalty(self, model, index, batch, outputs) -> torch.Tensor | None:
         return None  # no sparsity, no orthogonality: plain incremental adapters

@@ -67,6 +67,7 @@ def l2_penalty(model: torch.nn.Module, form: str = "norm") -> torch.Tensor:
 
 class OLoRA(NLoRA):
     name = "olora"
+    uses_l1 = False
 
     def __init__(self, config, is_seq2seq: bool) -> None:
         super().__init__(config, is_seq2seq)

@@ -11,8 +11,10 @@ from nlora.methods.olora import OLoRA
 
 class OLoRANLoRA(OLoRA):
     name = "olora+nlora"
+    uses_l1 = True
 
     def penalty(self, model, index, batch, outputs) -> torch.Tensor | None:
+        self.observe(outputs)  # --l1-lambda auto calibrates on the task loss
         loss = super().penalty(model, index, batch, outputs)
         if self.l1_lambda:
             loss = loss + self.l1_lambda * l1_penalty(model, self.config.l1_on)
