@@ -9,7 +9,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nlora import report
-from nlora.config import DEFAULT_L1_LAMBDA, L1_PLACEMENTS, METHOD_DEFAULTS, RunConfig
+from nlora.config import (
+    DEFAULT_L1_LAMBDA,
+    INFLORA_VARIANTS,
+    L1_PLACEMENTS,
+    METHOD_DEFAULTS,
+    OSF_PROJECTIONS,
+    RunConfig,
+)
 from nlora.data import KNOWN_CATEGORIES, data_dir_from, resolve_task, task_is_available
 from nlora.errors import ConfigError, DataError, NloraError
 from nlora.orders import ORDERS, PAPER_BASE_LAMBDA, get_order, substitute
@@ -23,6 +30,10 @@ def _floats(text: str) -> float | list[float]:
 def _ints(text: str) -> int | list[int]:
     values = [int(x) for x in text.split(",")]
     return values[0] if len(values) == 1 else values
+
+
+def _float_list(text: str) -> list[float]:
+    return [float(x) for x in text.split(",")]
 
 
 def _names(text: str) -> list[str]:
@@ -52,7 +63,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, with_method: bool = True)
     if with_method:  # `nlora compare` takes --methods instead
         what.add_argument("--method", default="nlora",
                           help="continual-learning method: nlora, olora, olora+nlora, inclora, "
-                          "seqlora, seqft, replay, ewc, lwf, mtl, pertaskft (docs/methods.md)")
+                          "seqlora, seqft, replay, ewc, lwf, mtl, pertaskft, l2p, lfpt5, "
+                          "progprompt, osf, inflora (docs/methods.md)")
     what.add_argument("--out", required=True, type=Path, help="run folder (resumes if present)")
     lora = parser.add_argument_group("adapter")
     lora.add_argument("--lora-r", type=int, default=8)
@@ -80,6 +92,41 @@ def add_run_arguments(parser: argparse.ArgumentParser, with_method: bool = True)
                       help="LwF distillation weight (default %(default)s)")
     meth.add_argument("--lwf-temperature", type=float, default=RunConfig.lwf_temperature,
                       help="LwF distillation temperature (default %(default)s)")
+    meth.add_argument("--l2p-pool-size", type=int, default=RunConfig.l2p_pool_size,
+                      help="L2P prompt pool size M (default %(default)s)")
+    meth.add_argument("--l2p-prompt-length", type=int, default=RunConfig.l2p_prompt_length,
+                      help="L2P length of each pool prompt (default %(default)s)")
+    meth.add_argument("--l2p-top-k", type=int, default=RunConfig.l2p_top_k,
+                      help="L2P prompts chosen per input by key match (default %(default)s)")
+    meth.add_argument("--l2p-key-weight", type=float, default=RunConfig.l2p_key_weight,
+                      help="L2P weight of the key-query pull term (default %(default)s)")
+    meth.add_argument("--progprompt-length", type=int, default=RunConfig.progprompt_length,
+                      help="ProgPrompt soft prompt length per task (default %(default)s)")
+    meth.add_argument("--lfpt5-prompt-length", type=int, default=RunConfig.lfpt5_prompt_length,
+                      help="LFPT5 soft prompt length (default %(default)s)")
+    meth.add_argument("--lfpt5-lm-weight", type=float, default=RunConfig.lfpt5_lm_weight,
+                      help="LFPT5 weight of the pseudo-sample generation loss (default "
+                      "%(default)s)")
+    meth.add_argument("--lfpt5-kd-weight", type=float, default=RunConfig.lfpt5_kd_weight,
+                      help="LFPT5 weight of the distillation term (default %(default)s)")
+    meth.add_argument("--lfpt5-pseudo-per-label", type=int,
+                      default=RunConfig.lfpt5_pseudo_per_label,
+                      help="LFPT5 pseudo samples replayed per label of each earlier task "
+                      "(default %(default)s)")
+    meth.add_argument("--osf-preserve", type=_float_list,
+                      help="OSF share of each weight's singular directions preserved, one per "
+                      "task (default: task t of T preserves t/T, at least one direction)")
+    meth.add_argument("--osf-projection", choices=OSF_PROJECTIONS,
+                      default=RunConfig.osf_projection,
+                      help="OSF: 'parameter' keeps every update outside the preserved subspace "
+                      "(paper); 'gradient' only projects gradients, as PEFT's tuner alone does")
+    meth.add_argument("--inflora-threshold", type=float, default=RunConfig.inflora_threshold,
+                      help="InfLoRA base energy threshold of the input-subspace memory "
+                      "(default %(default)s)")
+    meth.add_argument("--inflora-variant", choices=INFLORA_VARIANTS,
+                      default=RunConfig.inflora_variant,
+                      help="InfLoRA: 'paper' designs A from the projected new-task inputs; "
+                      "'released' is the public T5 code (random A projected)")
     opt = parser.add_argument_group("optimisation (defaults: the order's, else paper orders 1-3)")
     opt.add_argument("--lr", type=_floats, help="learning rate, one or one per task")
     opt.add_argument("--epochs", type=_ints, help="epochs, one or one per task")
@@ -153,6 +200,19 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         ewc_lambda=args.ewc_lambda,
         lwf_alpha=args.lwf_alpha,
         lwf_temperature=args.lwf_temperature,
+        l2p_pool_size=args.l2p_pool_size,
+        l2p_prompt_length=args.l2p_prompt_length,
+        l2p_top_k=args.l2p_top_k,
+        l2p_key_weight=args.l2p_key_weight,
+        progprompt_length=args.progprompt_length,
+        lfpt5_prompt_length=args.lfpt5_prompt_length,
+        lfpt5_lm_weight=args.lfpt5_lm_weight,
+        lfpt5_kd_weight=args.lfpt5_kd_weight,
+        lfpt5_pseudo_per_label=args.lfpt5_pseudo_per_label,
+        osf_preserve=args.osf_preserve,
+        osf_projection=args.osf_projection,
+        inflora_threshold=args.inflora_threshold,
+        inflora_variant=args.inflora_variant,
         learning_rate=from_order(args.lr, "learning_rate", 1e-3),
         epochs=from_order(args.epochs, "epochs", 10),
         batch_size=from_order(args.batch_size, "batch_size", 32),

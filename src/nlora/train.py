@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -45,8 +46,10 @@ def train_task(
     desc: str = "train",
     group_by_length: bool = True,
 ) -> tuple[torch.nn.Module, TrainResult]:
-    features = [encoder.train_features(ex) for ex in examples]
-    loader = make_train_loader(features, encoder, batch_size, seed, group_by_length)
+    features = [method.train_features(ex) for ex in examples]
+    loader = make_train_loader(
+        features, encoder, batch_size, seed, group_by_length, collate=method.collate_train
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError(f"method {method.name} left no trainable parameter")
@@ -76,6 +79,7 @@ def train_task(
             accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            method.after_step(accelerator.unwrap_model(model), index)
             losses.append(float(outputs.loss.detach()))
             steps += 1
             bar.update(1)
@@ -99,17 +103,22 @@ def make_train_loader(
     batch_size: int,
     seed: int,
     group_by_length: bool = True,
+    collate: Callable[[list[dict[str, list[int]]]], dict[str, torch.Tensor]] | None = None,
 ) -> DataLoader:
-    """Shuffled training batches; grouped by length (less padding) unless told otherwise."""
+    """Shuffled training batches; grouped by length (less padding) unless told otherwise.
+
+    ``collate`` builds a batch (default: the encoder's); a method may add its own fields.
+    """
+    collate = collate or encoder.collate_train
     if group_by_length:
         sampler = LengthGroupedBatchSampler(
             [len(f["input_ids"]) for f in features], batch_size, seed
         )
-        return DataLoader(features, batch_sampler=sampler, collate_fn=encoder.collate_train)
+        return DataLoader(features, batch_sampler=sampler, collate_fn=collate)
     return DataLoader(
         features,
         batch_size=batch_size,
         shuffle=True,
-        collate_fn=encoder.collate_train,
+        collate_fn=collate,
         generator=torch.Generator().manual_seed(seed),
     )
