@@ -66,8 +66,9 @@ def answer_head_forward(
         raise TypeError(f"{type(model).__name__} is not a causal LM with an lm_head")
     decoder, head = parts
     config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
-    hidden = decoder(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    hidden = decoder(  # token ids, or embeddings (prompt methods put soft prompts first)
+        input_ids=batch.get("input_ids"), inputs_embeds=batch.get("inputs_embeds"),
+        attention_mask=batch["attention_mask"], use_cache=False,
     ).last_hidden_state
     # Position t predicts token t+1 (the shift a plain forward does inside its loss).
     targets = batch["labels"][:, 1:]

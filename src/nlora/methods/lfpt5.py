@@ -43,6 +43,7 @@ from transformers import PreTrainedModel
 
 from nlora.data import Example, Task, build_prompt
 from nlora.io import write_text_atomic
+from nlora.loss import AnswerOutputs
 from nlora.methods.base import ContinualMethod
 from nlora.methods.lwf import answer_logits, kl_at_temperature
 from nlora.methods.prompting import (
@@ -182,16 +183,20 @@ class LFPT5(ContinualMethod):
         return loss
 
     def _distillation(self, model, batch, outputs, rows) -> torch.Tensor:
+        """KL(old ‖ new) over the answer tokens of the rows in ``rows``."""
         model.override = self.teacher
         try:
-            with torch.no_grad():
-                teacher = model(input_ids=batch["input_ids"][rows],  # labels: T5's decoder input
-                                attention_mask=batch["attention_mask"][rows],
-                                labels=batch["labels"][rows]).logits
+            with torch.no_grad():  # labels: T5's decoder input, and the answer positions
+                teacher = model(input_ids=batch["input_ids"], labels=batch["labels"],
+                                attention_mask=batch["attention_mask"])
         finally:
             model.override = None
-        student = outputs.logits[rows]
-        labels = batch["labels"][rows]
+        if isinstance(outputs, AnswerOutputs):  # causal: only the answer rows were projected
+            row_of = outputs.answer_mask.nonzero()[:, 0]
+            keep = rows[row_of]
+            return kl_at_temperature(outputs.answer_logits[keep], teacher.answer_logits[keep],
+                                     1.0)
+        student, teacher, labels = outputs.logits[rows], teacher.logits[rows], batch["labels"][rows]
         if not self.is_seq2seq:  # drop the prompt's positions: logits line up with labels
             n = student.shape[1] - labels.shape[1]
             student, teacher = student[:, n:], teacher[:, n:]

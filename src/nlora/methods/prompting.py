@@ -7,7 +7,9 @@ or per evaluated task (ProgPrompt), so the concatenation lives here. ``PromptedM
 speaks the backbone's interface, so training and both evaluation modes run unchanged:
 
 * ``forward``: the prompts go before the input embeddings (the encoder's input for seq2seq
-  models), the attention mask gets ones for them and causal labels get -100 for them.
+  models), the attention mask gets ones for them and causal labels get -100 for them. A
+  causal training call (labels, nothing else) projects onto the vocabulary only at the answer
+  positions and returns ``nlora.loss.AnswerOutputs``, as the LoRA methods' training does.
   Position ids given by the caller are recomputed from the extended mask, and a causal
   call that continues from a cache (rank evaluation) only shifts its positions.
 * ``generate``: returns what the backbone's ``generate`` returns for ``input_ids`` (causal
@@ -32,6 +34,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from nlora.batching import IGNORE_INDEX
 from nlora.io import write_dir_atomic
+from nlora.loss import answer_head_forward, supports_answer_head
 
 PROMPT_FILE = "adapter_model.safetensors"
 PROMPT_KEY = "prompt_embeddings"  # PEFT's key for a prompt-tuning adapter's weights
@@ -107,6 +110,7 @@ class PromptedModel(torch.nn.Module):
         super().__init__()
         self.backbone = backbone.requires_grad_(False)
         self.is_seq2seq = is_seq2seq
+        self.head_at_answers = not is_seq2seq and supports_answer_head(backbone)
 
     def prompt_embeddings(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -174,6 +178,12 @@ class PromptedModel(torch.nn.Module):
             )
         if labels is not None:
             labels = torch.cat([labels.new_full((labels.shape[0], n), IGNORE_INDEX), labels], 1)
+            if self.head_at_answers and position_ids is None and not kwargs:
+                # training: the vocabulary projection only where the loss is (nlora.loss)
+                return answer_head_forward(
+                    self.backbone, {"inputs_embeds": embeds, "attention_mask": mask,
+                                    "labels": labels}
+                )
         if position_ids is not None:  # positions count real tokens (left padding, rank mode)
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         return self.backbone(
