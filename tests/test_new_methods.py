@@ -365,3 +365,54 @@ def test_report_marks_parameter_metrics_that_do_not_apply_as_na(tiny_llama_dir, 
     assert rows["osf"][oo] == "n/a" and "n/a" not in rows["osf"][rest]
     assert rows["inflora"][oo] != "n/a" and "n/a" not in rows["inflora"][rest]
     assert "(eq. 7 terms): n/a for osf" in md
+
+
+# --- CLI and compare --------------------------------------------------------------------------
+
+def test_bad_new_method_options_fail_with_one_line(data_dir, tmp_path, capsys):
+    from nlora.cli import main
+
+    base = ["run", "--data", str(data_dir), "--tasks", "CB,agnews", "--out", str(tmp_path / "r")]
+    cases = [
+        (["--method", "l2p", "--l2p-top-k", "6", "--l2p-pool-size", "5"], "--l2p-top-k (6)"),
+        (["--method", "osf", "--osf-preserve", "0.2"], "--osf-preserve lists 1 values for 2"),
+        (["--method", "osf", "--osf-preserve", "0.2,1.5"], "--osf-preserve values"),
+        (["--method", "inflora", "--inflora-threshold", "0"], "--inflora-threshold"),
+        (["--method", "lfpt5", "--lfpt5-prompt-length", "0"], "--lfpt5-prompt-length"),
+    ]
+    for extra, message in cases:
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("nlora: error:") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_each_new_method_gets_its_own_default_learning_rate(data_dir, tmp_path):
+    from nlora.cli import build_parser, config_from_args
+
+    expected = {"progprompt": 0.3, "lfpt5": 0.5, "l2p": 0.03, "osf": 1e-5, "inflora": 3e-4}
+    for method, lr in expected.items():
+        args = build_parser().parse_args(["run", "--method", method, "--data", str(data_dir),
+                                          "--tasks", "CB", "--out", str(tmp_path)])
+        assert config_from_args(args).learning_rate == lr
+    args = build_parser().parse_args(["run", "--method", "osf", "--lr", "0.1", "--data",
+                                      str(data_dir), "--tasks", "CB", "--out", str(tmp_path)])
+    assert config_from_args(args).learning_rate == 0.1
+
+
+def test_compare_runs_new_methods_with_their_options(tiny_llama_dir, data_dir, tmp_path, capsys):
+    from nlora.cli import main
+
+    argv = ["compare", "--methods", "progprompt,l2p,inflora", "--model", str(tiny_llama_dir),
+            "--data", str(data_dir), "--tasks", "SC/yelp,NLI/CB", "--out", str(tmp_path / "c"),
+            "--train-per-task", "8", "--test-per-task", "4", "--epochs", "1", "--batch-size",
+            "4", "--lr", "5e-3", "--max-source-length", "64", "--progprompt-length", "3",
+            "--l2p-pool-size", "4", "--l2p-top-k", "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert all(any(line.startswith(m + " ") for line in out.splitlines())
+               for m in ("progprompt", "l2p", "inflora"))
+    config = RunConfig.from_yaml(tmp_path / "c/l2p/config.yaml")
+    assert (config.l2p_pool_size, config.l2p_top_k, config.method) == (4, 2, "l2p")
+    pool = load_file(tmp_path / "c/l2p/tasks/02-CB/l2p_pool.safetensors")
+    assert pool["keys"].shape[0] == 4
