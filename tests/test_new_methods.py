@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_TASKS, tiny_llama
+from conftest import TINY_TASKS, tiny_llama, tiny_t5
 from safetensors.torch import load_file
 from test_methods import _run, _train_three
 
@@ -416,3 +416,49 @@ def test_compare_runs_new_methods_with_their_options(tiny_llama_dir, data_dir, t
     assert (config.l2p_pool_size, config.l2p_top_k, config.method) == (4, 2, "l2p")
     pool = load_file(tmp_path / "c/l2p/tasks/02-CB/l2p_pool.safetensors")
     assert pool["keys"].shape[0] == 4
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_prompted_model_rank_scores_equal_scoring_each_label_from_scratch(kind, tokenizer):
+    """Rank evaluation through the prompt glue (left padding, cached continuation, encoder
+    reuse) gives the log-likelihood of prompt + label computed in one plain pass per row."""
+    import torch.nn.functional as F
+
+    from nlora.evaluate import _causal_scores, _seq2seq_scores
+    from nlora.methods.progprompt import ProgPrompt
+
+    seq2seq = kind == "t5"
+    backbone = tiny_t5(tokenizer) if seq2seq else tiny_llama(tokenizer)
+    method = ProgPrompt(RunConfig(progprompt_length=3, tasks=["a", "b"]), seq2seq)
+    model = method.begin_task(backbone, 0, None)
+    model = method.begin_task(model, 1, None)  # reads [P_2; P_1]: 6 prompt tokens
+    model.eval()
+    pad = tokenizer.pad_token_id
+    rows = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    width = 5
+    if seq2seq:  # the encoder's batches are right-padded, causal prompts left-padded
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+        mask = (torch.arange(width) < torch.tensor([[len(r)] for r in rows])).long()
+    else:
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+        mask = (torch.arange(width) >= torch.tensor([[width - len(r)] for r in rows])).long()
+    targets = [[20, 21, 1], [30, 1]]
+    with torch.no_grad():
+        batch = {"input_ids": ids, "attention_mask": mask}
+        scores = (_seq2seq_scores if seq2seq else _causal_scores)(model, batch, targets)
+        prompt = model.progressive_prompt(1)
+        embed = backbone.get_input_embeddings()
+        for b, row in enumerate(rows):
+            for k, target in enumerate(targets):
+                if seq2seq:
+                    inputs = torch.cat([prompt, embed(torch.tensor(row))])[None]
+                    out = backbone(inputs_embeds=inputs, labels=torch.tensor([target]))
+                    logp = F.log_softmax(out.logits[0], -1)
+                    expected = sum(float(logp[i, t]) for i, t in enumerate(target))
+                else:
+                    seq = torch.tensor(row + target[:-1])
+                    out = backbone(inputs_embeds=torch.cat([prompt, embed(seq)])[None])
+                    logp = F.log_softmax(out.logits[0], -1)
+                    start = prompt.shape[0] + len(row) - 1  # predicts the first label token
+                    expected = sum(float(logp[start + i, t]) for i, t in enumerate(target))
+                assert float(scores[b, k]) == pytest.approx(expected, abs=1e-4)
