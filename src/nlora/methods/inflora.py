@@ -170,7 +170,8 @@ class InfLoRA(IncLoRA):
     def begin_task(self, model: PreTrainedModel, index: int, task: Task) -> torch.nn.Module:
         model = super().begin_task(model, index, task)  # fresh adapter, B = 0: same outputs
         layers = {module_key(f.name): f for f in lora_factors(model)}
-        modules = {name: dict(model.named_modules())[f.name] for name, f in layers.items()}
+        named = dict(model.named_modules())
+        modules = {name: named[f.name] for name, f in layers.items()}
         covariances = input_covariances(model, modules, task.train, self.encoder)
         generator = torch.Generator().manual_seed(self.config.seed * 1000 + index)
         for name, f in layers.items():

@@ -10,8 +10,8 @@ at least one (PEFT needs effective_rank ≥ 1) and at most min(out, in) - 1; ``-
 gives the shares per task instead (PEFT's example script uses 0.3,0.5,0.7 for three tasks).
 
 ``--osf-projection``: PEFT's tuner projects each *gradient* out of the preserved subspace.
-AdamW rescales gradients entry by entry, so its steps leave that subspace (measured: 5% of
-‖ΔW‖ on the tiny test model, docs/methods.md). ``parameter`` (default, what the paper states)
+AdamW rescales gradients entry by entry, so its steps leave that subspace (measured about
+5% of ‖ΔW‖, docs/methods.md). ``parameter`` (default, what the paper states)
 also projects U_low and V_low back after every optimizer step, so the update is exactly
 orthogonal; ``gradient`` is the tuner alone.
 
