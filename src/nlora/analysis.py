@@ -237,6 +237,15 @@ def method_label(config: dict[str, Any]) -> str | None:
     return label
 
 
+def undefined_metrics(method: str | None) -> list[str]:
+    """Parameter-space metrics that do not apply to a method's saved adapters (e.g. OO for
+    OSF, whose saved A is a factorisation of ΔW, not a learned input subspace)."""
+    from nlora.methods import METHODS  # the method classes say it; imported only when asked
+
+    cls = METHODS.get(method or "")
+    return list(cls.undefined_metrics) if cls is not None else []
+
+
 def analyse_run(
     run_dir: Path | str,
     threshold: float = DEFAULT_THRESHOLD,
@@ -288,10 +297,12 @@ def analyse_run(
         "parameter": None,
         "notes": notes,
     }
+    result["undefined"] = undefined_metrics(config.get("method"))
     updates = load_task_updates(run_dir, cumulative=is_cumulative_adapter(config.get("method")))
     if not updates:
         notes.append(
-            "no LoRA adapters saved (e.g. full fine-tuning): parameter-space metrics skipped"
+            "no LoRA adapters saved (full fine-tuning, or prompts with no weight update): "
+            "parameter-space metrics n/a"
         )
         return result
     if len(updates) < len(tasks):

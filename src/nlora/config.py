@@ -31,10 +31,19 @@ TASK_SEEDS = ("offset", "same")  # task j seeded with seed + j, or every task wi
 L1_PLACEMENTS = ("deltaw", "a", "b", "a+b", "reference")
 
 # Per-method defaults that replace the order's preset when the option is not given: full
-# fine-tuning at the LoRA learning rate (1e-3) destroys a pretrained model. See docs/methods.md.
+# fine-tuning at the LoRA learning rate (1e-3) destroys a pretrained model; prompt tuning needs
+# a far larger one. Sources in docs/methods.md.
 METHOD_DEFAULTS: dict[str, dict[str, float]] = {
-    name: {"learning_rate": 1e-5} for name in ("seqft", "replay", "ewc", "lwf")
+    **{name: {"learning_rate": 1e-5} for name in ("seqft", "replay", "ewc", "lwf")},
+    "progprompt": {"learning_rate": 0.3},  # ProgPrompt T5 code (AdamW)
+    "lfpt5": {"learning_rate": 0.5},  # LFPT5 code (Adafactor there)
+    "l2p": {"learning_rate": 0.03},  # L2P released config (Adam)
+    "osf": {"learning_rate": 1e-5},  # PEFT OSF docs: 1e-5 to 1e-4
+    "inflora": {"learning_rate": 3e-4},  # InfLoRA T5 scripts (GainLoRA release)
 }
+
+OSF_PROJECTIONS = ("parameter", "gradient")
+INFLORA_VARIANTS = ("paper", "released")
 
 PerTask = float | list[float]
 # Options that take one value or one per task (the released scripts vary them per task).
@@ -105,6 +114,19 @@ class RunConfig:
     ewc_lambda: float = 5000.0  # EWC penalty weight (our choice; the paper gives none)
     lwf_alpha: float = 1.0  # LwF distillation weight (Li and Hoiem, 2017)
     lwf_temperature: float = 2.0  # LwF softmax temperature (Li and Hoiem, 2017)
+    l2p_pool_size: int = 10  # L2P prompt pool size M (Wang et al., 2022)
+    l2p_prompt_length: int = 5  # L2P length L_p of each prompt (Wang et al., 2022)
+    l2p_top_k: int = 5  # L2P prompts chosen per input N (Wang et al., 2022)
+    l2p_key_weight: float = 1.0  # L2P weight λ of the key-query pull term (released config)
+    progprompt_length: int = 10  # ProgPrompt soft prompt length per task (T5 code)
+    lfpt5_prompt_length: int = 300  # LFPT5 soft prompt length (LFPT5 code)
+    lfpt5_lm_weight: float = 0.25  # LFPT5 weight λ of the generation (LM) loss (LFPT5 code)
+    lfpt5_kd_weight: float = 0.01  # LFPT5 weight of the distillation term (LFPT5 code)
+    lfpt5_pseudo_per_label: int = 2  # LFPT5 pseudo samples kept per label (LFPT5 code)
+    osf_preserve: list[float] | None = None  # OSF preserved share per task (None: t/T schedule)
+    osf_projection: str = "parameter"  # OSF: keep the update outside the preserved subspace
+    inflora_threshold: float = 0.995  # InfLoRA base energy threshold ε (InfLoRA T5 scripts)
+    inflora_variant: str = "paper"  # InfLoRA A design and memory criterion (docs/methods.md)
     # optimisation (paper orders 1-3 defaults)
     learning_rate: PerTask = 1e-3
     epochs: int | list[int] = 10
@@ -202,7 +224,8 @@ class RunConfig:
         _check("--replay-fraction", self.replay_fraction, low=0, above=True, high=1,
                high_inclusive=True)
         _check("--lwf-temperature", self.lwf_temperature, low=0, above=True)
-        for name in ("olora_lambda1", "olora_lambda2", "ewc_lambda", "lwf_alpha"):
+        for name in ("olora_lambda1", "olora_lambda2", "ewc_lambda", "lwf_alpha",
+                     "l2p_key_weight", "lfpt5_lm_weight", "lfpt5_kd_weight"):
             value = getattr(self, name)
             for each in value if isinstance(value, list) else [value]:
                 _check(f"--{name.replace('_', '-')}", each, low=0)
@@ -225,6 +248,30 @@ class RunConfig:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}")
         if self.truncation not in TRUNCATIONS:
             raise ConfigError(f"--truncation must be one of {', '.join(TRUNCATIONS)}")
+        for name in ("l2p_pool_size", "l2p_prompt_length", "l2p_top_k", "progprompt_length",
+                     "lfpt5_prompt_length", "lfpt5_pseudo_per_label"):
+            _whole(f"--{name.replace('_', '-')}", getattr(self, name), 1)
+        if self.l2p_top_k > self.l2p_pool_size:
+            raise ConfigError(
+                f"--l2p-top-k ({self.l2p_top_k}) cannot exceed --l2p-pool-size "
+                f"({self.l2p_pool_size})"
+            )
+        if self.osf_preserve is not None:
+            if len(self.osf_preserve) != len(self.tasks):
+                raise ConfigError(
+                    f"--osf-preserve lists {len(self.osf_preserve)} values for "
+                    f"{len(self.tasks)} tasks"
+                )
+            if not all(0 <= f < 1 for f in self.osf_preserve):
+                raise ConfigError("--osf-preserve values must be in [0, 1)")
+        if self.osf_projection not in OSF_PROJECTIONS:
+            raise ConfigError(f"--osf-projection must be one of {', '.join(OSF_PROJECTIONS)}")
+        if not 0 < self.inflora_threshold <= 1:
+            raise ConfigError(
+                f"--inflora-threshold must be in (0, 1], got {self.inflora_threshold}"
+            )
+        if self.inflora_variant not in INFLORA_VARIANTS:
+            raise ConfigError(f"--inflora-variant must be one of {', '.join(INFLORA_VARIANTS)}")
         if self.eval_on not in ("seen", "all"):
             raise ConfigError(f"--eval-on must be 'seen' or 'all', got {self.eval_on!r}")
         if self.eval_mode not in ("generate", "rank"):

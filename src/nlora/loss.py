@@ -124,16 +124,16 @@ def answer_head_forward(
     config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
     prefix = 0
     checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in decoder.modules())
-    if shared_prefix and not checkpointing:
+    if shared_prefix and not checkpointing and "inputs_embeds" not in batch:
         prefix = batch_prefix_length(batch)
     hidden = None
     if prefix >= MIN_PREFIX_TOKENS:
         hidden = _hidden_after_shared_prefix(decoder, batch, prefix)
     if hidden is None:
         prefix = 0
-        hidden = decoder(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-            use_cache=False,
+        hidden = decoder(  # token ids, or embeddings (prompt methods put soft prompts first)
+            input_ids=batch.get("input_ids"), inputs_embeds=batch.get("inputs_embeds"),
+            attention_mask=batch["attention_mask"], use_cache=False,
         ).last_hidden_state
     # Position t predicts token t+1 (the shift a plain forward does inside its loss); the
     # hidden states start at column ``prefix``, and no prefix column predicts an answer.

@@ -82,15 +82,27 @@ def _pick_module(modules: list[str], pattern: str | None) -> str | None:
     return None
 
 
+NOT_APPLICABLE = "n/a"  # a metric that does not exist for the run's method
+
+
+def _parameter_cell(r: dict[str, Any], key: str, value: Any) -> Any:
+    """n/a for runs without a weight update (prompts, full fine-tuning) and for metrics the
+    method's adapters do not define (OO of OSF)."""
+    if r["parameter"] is None or key in r.get("undefined", ()):
+        return NOT_APPLICABLE
+    return value
+
+
 def _summary_rows(results: list[dict[str, Any]]) -> list[list[Any]]:
     rows = []
     for r in results:
         s, p = r["scores"], (r["parameter"] or {}).get("summary", {})
+        params = [_parameter_cell(r, key, p.get(key)) for key in
+                  ("OO", "AWOM", "GSR", "density", "density_exact", "ACR", "ACR_exact",
+                   "subspace_use", "nuclear_norm")]
         rows.append([r["name"], str(r["method"]), str(len(r["tasks"])),
                      s.get("AA"), s.get("AA_pooled"), s.get("F.Ra"), s.get("BWT"), s.get("FWT"),
-                     p.get("OO"), p.get("AWOM"), p.get("GSR"), p.get("density"),
-                     p.get("density_exact"), p.get("ACR"), p.get("ACR_exact"),
-                     p.get("subspace_use"), p.get("nuclear_norm"),
+                     *params,
                      _unseen_cell(r)])
     return rows
 
@@ -189,7 +201,7 @@ def write_report(
         pt = p["per_task"]
         rows = [[f"{k + 1}. {r['tasks'][k] if k < len(r['tasks']) else ''}",
                  pt["gsr"][k], pt["density"][k], pt["density_exact"][k], pt["subspace_use"][k],
-                 pt["nuclear_norm"][k], pt["oo"][k], pt["awom"][k]]
+                 pt["nuclear_norm"][k], _parameter_cell(r, "OO", pt["oo"][k]), pt["awom"][k]]
                 for k in range(len(pt["gsr"]))]
         md += ["Per task (OO_t, AWOM_t: task t against all earlier tasks, summed over modules):",
                "",
@@ -200,6 +212,9 @@ def write_report(
                                ("cr_exact", "Collision rate CR_ij at exactly zero (|x| > 0)"),
                                ("oo", "‖A_iᵀA_j‖²_F summed over modules (eq. 7 terms)"),
                                ("awom", "‖ΔW_jᵀΔW_i‖ summed over modules (eq. 8 terms)")]:
+                if key.upper() in r.get("undefined", ()):
+                    md += [f"{title}: n/a for {r['method']}.", ""]
+                    continue
                 md += [f"{title}:", "", _square_table(p["pairs"][key], r["tasks"]), ""]
         md += [f"Per-module values are in `metrics.json` ({len(p['modules'])} modules).", ""]
 

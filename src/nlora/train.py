@@ -145,7 +145,7 @@ def train_task(
 ) -> tuple[torch.nn.Module, TrainResult]:
     world, rank = accelerator.num_processes, accelerator.process_index
     micro = micro_batch_size(batch_size, grad_accum, world)
-    features = [encoder.train_features(ex) for ex in examples]
+    features = [method.train_features(ex) for ex in examples]
     tokens = [answer_tokens(f, encoder.is_seq2seq) for f in features]
     lengths = [len(f["input_ids"]) for f in features]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -173,7 +173,7 @@ def train_task(
                 sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, penalty
                 for part in process_share(batch_rows, rank, world, micro):
                     rows.keys = [mix(seed, epoch, i) for i in part]
-                    batch = encoder.collate_train([features[i] for i in part])
+                    batch = method.collate_train([features[i] for i in part])
                     batch = {k: v.to(device) for k, v in batch.items()}
                     with accelerator.autocast():
                         outputs = (
@@ -276,9 +276,10 @@ def make_train_loader(
     batch_size: int,
     seed: int,
     group_by_length: bool = True,
+    collate: Callable[[list[dict[str, list[int]]]], dict[str, torch.Tensor]] | None = None,
 ) -> DataLoader:
     """One process's view of the training batches, as ``train_task`` forms them (benches)."""
     sampler = GlobalBatchSampler([len(f["input_ids"]) for f in features], batch_size, seed,
                                  group_by_length)
-    return DataLoader(features, batch_sampler=sampler, collate_fn=encoder.collate_train)
+    return DataLoader(features, batch_sampler=sampler, collate_fn=collate or encoder.collate_train)
 

@@ -14,10 +14,12 @@ from typing import Any
 
 from nlora.config import (
     DEFAULT_L1_LAMBDA,
+    INFLORA_VARIANTS,
     L1_AUTO,
     L1_PLACEMENTS,
     OLORA_L2_FORMS,
     OLORA_ORTH_FORMS,
+    OSF_PROJECTIONS,
     PRECISIONS,
     PROTOCOLS,
     SCORERS,
@@ -39,6 +41,10 @@ def _floats(text: str) -> float | list[float]:
 
 def _lambdas(text: str) -> float | list[float] | str:
     return L1_AUTO if text.strip().lower() == L1_AUTO else _floats(text)
+
+
+def _float_list(text: str) -> list[float]:
+    return [float(x) for x in text.split(",")]
 
 
 def _ints(text: str) -> int | list[int]:
@@ -75,8 +81,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, with_method: bool = True)
     if with_method:  # `nlora compare` takes --methods instead
         what.add_argument("--method",
                           help="continual-learning method: nlora (default), olora, olora+nlora, "
-                          "inclora, seqlora, seqft, replay, ewc, lwf, mtl, pertaskft "
-                          "(docs/methods.md)")
+                          "inclora, seqlora, seqft, replay, ewc, lwf, mtl, pertaskft, l2p, "
+                          "lfpt5, progprompt, osf, inflora (docs/methods.md)")
     lora = parser.add_argument_group("adapter")
     lora.add_argument("--lora-r", type=int, help=f"LoRA rank (default {D.lora_r})")
     lora.add_argument("--lora-alpha", type=float, help=f"LoRA alpha (default {D.lora_alpha})")
@@ -129,6 +135,40 @@ def add_run_arguments(parser: argparse.ArgumentParser, with_method: bool = True)
                       help=f"LwF distillation weight (default {D.lwf_alpha})")
     meth.add_argument("--lwf-temperature", type=float,
                       help=f"LwF distillation temperature (default {D.lwf_temperature})")
+    meth.add_argument("--l2p-pool-size", type=int,
+                      help=f"L2P prompt pool size M (default {D.l2p_pool_size})")
+    meth.add_argument("--l2p-prompt-length", type=int,
+                      help=f"L2P length of each pool prompt (default {D.l2p_prompt_length})")
+    meth.add_argument("--l2p-top-k", type=int,
+                      help=f"L2P prompts chosen per input by key match (default {D.l2p_top_k})")
+    meth.add_argument("--l2p-key-weight", type=float,
+                      help=f"L2P weight of the key-query pull term (default {D.l2p_key_weight})")
+    meth.add_argument("--progprompt-length", type=int,
+                      help=f"ProgPrompt soft prompt length per task (default "
+                      f"{D.progprompt_length})")
+    meth.add_argument("--lfpt5-prompt-length", type=int,
+                      help=f"LFPT5 soft prompt length (default {D.lfpt5_prompt_length})")
+    meth.add_argument("--lfpt5-lm-weight", type=float,
+                      help=f"LFPT5 weight of the pseudo-sample generation loss (default "
+                      f"{D.lfpt5_lm_weight})")
+    meth.add_argument("--lfpt5-kd-weight", type=float,
+                      help=f"LFPT5 weight of the distillation term (default {D.lfpt5_kd_weight})")
+    meth.add_argument("--lfpt5-pseudo-per-label", type=int,
+                      help="LFPT5 pseudo samples replayed per label of each earlier task "
+                      f"(default {D.lfpt5_pseudo_per_label})")
+    meth.add_argument("--osf-preserve", type=_float_list,
+                      help="OSF share of each weight's singular directions preserved, one per "
+                      "task (default: task t of T preserves t/T, at least one direction)")
+    meth.add_argument("--osf-projection", choices=OSF_PROJECTIONS,
+                      help="OSF: 'parameter' keeps every update outside the preserved subspace "
+                      "(paper, default); 'gradient' only projects gradients, as PEFT's tuner "
+                      "alone does")
+    meth.add_argument("--inflora-threshold", type=float,
+                      help="InfLoRA base energy threshold of the input-subspace memory "
+                      f"(default {D.inflora_threshold})")
+    meth.add_argument("--inflora-variant", choices=INFLORA_VARIANTS,
+                      help="InfLoRA: 'paper' (default) designs A from the projected new-task "
+                      "inputs; 'released' is the public T5 code (random A projected)")
     opt = parser.add_argument_group("optimisation (defaults: the order's, else paper orders 1-3)")
     opt.add_argument("--lr", dest="learning_rate", metavar="LR", type=_floats,
                      help=f"learning rate, one or one per task (default {D.learning_rate})")

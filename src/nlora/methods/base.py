@@ -1,10 +1,11 @@
 """The one interface every continual-learning method implements.
 
 The continual loop (``nlora.runner``) calls, for each task in order:
-``train_examples`` -> ``begin_task`` -> (training steps, adding ``penalty``, then
-``after_step`` after each optimiser step) -> ``end_task``,
-then evaluates ``eval_model`` on every seen task and, once the task's record is written,
-calls ``task_recorded``. On resume, ``restore_task`` replays what ``end_task`` left on disk
+``begin_task`` -> ``train_examples`` -> (training steps: each example becomes features with
+``train_features``, batches come from ``collate_train``, ``penalty`` is added to the loss and
+``after_step`` runs after every optimizer step) -> ``end_task``, then evaluates
+``eval_model`` on every seen task and, once the task's record is written, calls
+``task_recorded``. On resume, ``restore_task`` replays what ``end_task`` left on disk
 instead of training again.
 
 A method with ``joint = True`` (multi-task learning) gets one step instead: index 0, trained
@@ -35,6 +36,9 @@ class ContinualMethod:
     merges_earlier: ClassVar[bool] = False
     # False: only the latest finished task keeps its files (full fine-tuning's weights)
     keeps_every_task: ClassVar[bool] = True
+    # parameter-space metrics of `nlora report` that do not apply to this method's saved
+    # adapters (e.g. OO, when the saved factors are not a learned A but a factorisation of ΔW)
+    undefined_metrics: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: RunConfig, is_seq2seq: bool) -> None:
         self.config = config
@@ -53,6 +57,14 @@ class ContinualMethod:
     def begin_task(self, model: PreTrainedModel, index: int, task: Task) -> torch.nn.Module:
         """Return the model to train on this task, with exactly its trainable parameters."""
         raise NotImplementedError
+
+    def train_features(self, example: Example) -> dict[str, list[int]]:
+        """One training example's token ids (a method may add its own fields)."""
+        return self.encoder.train_features(example)
+
+    def collate_train(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        """A padded training batch from ``train_features`` outputs."""
+        return self.encoder.collate_train(features)
 
     def penalty(
         self, model: torch.nn.Module, index: int, batch: dict[str, torch.Tensor], outputs: Any
