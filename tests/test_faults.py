@@ -257,7 +257,7 @@ def _tree(run: Path) -> dict[str, bytes]:
             data = path.read_bytes()
             if path.name == "done.json":  # timings differ between runs; the rest must not
                 record = json.loads(data)
-                record["train"].pop("seconds")
+                record.get("train", {}).pop("seconds", None)  # the zero-shot row has no train
                 record.pop("eval_seconds")
                 data = json.dumps(record, sort_keys=True).encode()
             files[rel] = data

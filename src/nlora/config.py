@@ -318,5 +318,8 @@ class RunConfig:
         return cls(**data)
 
     def differences(self, other: RunConfig) -> list[str]:
+        """The settings that differ; where a value came from (preset records) is no setting:
+        a run's own config.yaml, given back, resumes it."""
         mine, theirs = self.to_dict(), other.to_dict()
-        return [k for k in mine if mine[k] != theirs[k]]
+        records = ("preset_sources", "preset_notes")
+        return [k for k in mine if k not in records and mine[k] != theirs[k]]

@@ -96,6 +96,13 @@ def make_config(**options: Any) -> RunConfig:
             values[field] = value
     values["preset_sources"] = {f: src for f, (_, src) in presets.items() if f not in given}
     values["preset_notes"] = notes
+    # a run's own config.yaml given back: where its values came from stays recorded
+    recorded = options.get("preset_sources") or {}
+    for field in FIELDS:
+        if field in recorded and field in given and field not in values["preset_sources"]:
+            values["preset_sources"][field] = recorded[field]
+    if not notes and options.get("preset_notes"):
+        values["preset_notes"] = list(options["preset_notes"])
     config = RunConfig(**values)
     config.validate()
     return config
@@ -153,6 +160,10 @@ def combine_options(from_file: Mapping[str, Any], given: Mapping[str, Any]) -> d
         base.pop("tasks", None)
     if "tasks" in given:
         base.pop("substitute", None)
+    if isinstance(base.get("preset_sources"), Mapping):  # a value given anew has no preset
+        base["preset_sources"] = {
+            k: v for k, v in base["preset_sources"].items() if k not in given
+        }
     return {**base, **given}
 
 

@@ -74,8 +74,8 @@ def check_reference_shapes(model: torch.nn.Module) -> None:
     for f in lora_factors(model):
         if f.A.shape[1] != f.B.shape[0]:
             raise ConfigError(
-                "--l1-on reference (the released N-LoRA term; --protocol release sets it) needs "
-                f"square modules (in_features == out_features), but "
+                "--l1-on reference needs square modules (the released N-LoRA term; "
+                "--protocol release sets it), but "
                 f"{f.name} is {f.B.shape[0]}x{f.A.shape[1]} (out x in); adapt only square "
                 "modules with --target-modules or choose another --l1-on"
             )
