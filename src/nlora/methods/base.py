@@ -99,3 +99,12 @@ class ContinualMethod:
 
     def task_recorded(self, index: int, folder: Path) -> None:
         """Task ``index`` is recorded as finished (its done.json exists): tidy up old files."""
+
+
+def remove_superseded(previous: Path | None, current: Path, names: tuple[str, ...]) -> Path:
+    """Once ``current`` is recorded, delete ``names`` (files only the latest finished task
+    keeps) from the previous task's folder; returns ``current``, the next call's previous."""
+    if previous is not None and previous != current:
+        for name in names:
+            (previous / name).unlink(missing_ok=True)
+    return current

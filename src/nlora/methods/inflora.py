@@ -39,6 +39,7 @@ from transformers import PreTrainedModel
 from nlora.adapters import lora_factors, save_adapter
 from nlora.data import Example, Task
 from nlora.io import write_file_atomic
+from nlora.methods.base import remove_superseded
 from nlora.methods.inclora import IncLoRA
 from nlora.methods.olora import module_key
 
@@ -210,8 +211,5 @@ class InfLoRA(IncLoRA):
         return model
 
     def task_recorded(self, index: int, folder: Path) -> None:
-        # as SeqFT: the previous task's memory is superseded once this task is recorded
-        if self.previous_folder is not None and self.previous_folder != folder:
-            for name in self.latest_only:
-                (self.previous_folder / name).unlink(missing_ok=True)
-        self.previous_folder = folder
+        # the previous task's memory is superseded once this task is recorded
+        self.previous_folder = remove_superseded(self.previous_folder, folder, self.latest_only)

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 
 from nlora.data import Task
 from nlora.io import write_file_atomic
-from nlora.methods.base import ContinualMethod
+from nlora.methods.base import ContinualMethod, remove_superseded
 
 WEIGHTS = "model.safetensors"
 
@@ -59,7 +59,4 @@ class SeqFT(ContinualMethod):
 
     def task_recorded(self, index: int, folder: Path) -> None:
         # the new task is safely recorded: the previous task's copy is no longer needed
-        if self.previous_folder is not None and self.previous_folder != folder:
-            for name in self.latest_only:
-                (self.previous_folder / name).unlink(missing_ok=True)
-        self.previous_folder = folder
+        self.previous_folder = remove_superseded(self.previous_folder, folder, self.latest_only)
