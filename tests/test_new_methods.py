@@ -353,15 +353,20 @@ def test_report_marks_parameter_metrics_that_do_not_apply_as_na(tiny_llama_dir, 
                                                                 tmp_path):
     from nlora.cli import main
 
-    for method in ("progprompt", "osf", "inflora"):
-        assert _run(tiny_llama_dir, data_dir, tmp_path / method, "--method", method) == 0
-    assert main(["report", *(str(tmp_path / m) for m in ("progprompt", "osf", "inflora")),
+    methods = ("l2p", "lfpt5", "progprompt", "osf", "inflora")
+    for method in methods:
+        extra = ["--lfpt5-prompt-length", "3"] if method == "lfpt5" else []
+        assert _run(tiny_llama_dir, data_dir, tmp_path / method, "--method", method, *extra) == 0
+    assert main(["report", *(str(tmp_path / m) for m in methods),
                  "--out", str(tmp_path / "report")]) == 0
     md = (tmp_path / "report/report.md").read_text()
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-            for line in md.splitlines() if line.startswith("| ") and "| 3 |" in line}
-    oo, rest = 6, slice(7, 12)  # after method, T, AA, F.Ra, BWT, FWT; then AWOM ... ‖ΔW‖*
-    assert rows["progprompt"][oo] == "n/a" and set(rows["progprompt"][rest]) == {"n/a"}
+    table = [[c.strip() for c in line.split("|")[1:-1]] for line in md.splitlines()
+             if line.startswith("| run |") or (line.startswith("| ") and "| 3 |" in line)]
+    header = table[0]  # cells by column name, whatever the report's column order
+    rows = {row[0]: row for row in table[1:]}
+    oo, rest = header.index("OO"), slice(header.index("AWOM"), header.index("‖ΔW‖*") + 1)
+    for prompts in ("l2p", "lfpt5", "progprompt"):  # no weight update: nothing to measure
+        assert rows[prompts][oo] == "n/a" and set(rows[prompts][rest]) == {"n/a"}
     assert rows["osf"][oo] == "n/a" and "n/a" not in rows["osf"][rest]
     assert rows["inflora"][oo] != "n/a" and "n/a" not in rows["inflora"][rest]
     assert "(eq. 7 terms): n/a for osf" in md
@@ -388,7 +393,8 @@ def test_bad_new_method_options_fail_with_one_line(data_dir, tmp_path, capsys):
 
 
 def test_each_new_method_gets_its_own_default_learning_rate(data_dir, tmp_path):
-    from nlora.cli import build_parser, config_from_args
+    from nlora.cli import build_parser
+    from nlora.cli.learn import config_from_args
 
     expected = {"progprompt": 0.3, "lfpt5": 0.5, "l2p": 0.03, "osf": 1e-5, "inflora": 3e-4}
     for method, lr in expected.items():
@@ -403,15 +409,16 @@ def test_each_new_method_gets_its_own_default_learning_rate(data_dir, tmp_path):
 def test_compare_runs_new_methods_with_their_options(tiny_llama_dir, data_dir, tmp_path, capsys):
     from nlora.cli import main
 
-    argv = ["compare", "--methods", "progprompt,l2p,inflora", "--model", str(tiny_llama_dir),
+    names = ("progprompt", "l2p", "inflora", "lfpt5", "osf")
+    argv = ["compare", "--methods", ",".join(names), "--model", str(tiny_llama_dir),
             "--data", str(data_dir), "--tasks", "SC/yelp,NLI/CB", "--out", str(tmp_path / "c"),
             "--train-per-task", "8", "--test-per-task", "4", "--epochs", "1", "--batch-size",
             "4", "--lr", "5e-3", "--max-source-length", "64", "--progprompt-length", "3",
-            "--l2p-pool-size", "4", "--l2p-top-k", "2"]
+            "--l2p-pool-size", "4", "--l2p-top-k", "2", "--lfpt5-prompt-length", "3"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert all(any(line.startswith(m + " ") for line in out.splitlines())
-               for m in ("progprompt", "l2p", "inflora"))
+               for m in names)
     config = RunConfig.from_yaml(tmp_path / "c/l2p/config.yaml")
     assert (config.l2p_pool_size, config.l2p_top_k, config.method) == (4, 2, "l2p")
     pool = load_file(tmp_path / "c/l2p/tasks/02-CB/l2p_pool.safetensors")

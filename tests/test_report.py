@@ -164,3 +164,14 @@ def test_report_options_and_errors(runs: dict, tmp_path: Path) -> None:
     assert not math.isnan(data["summary"]["AWOM"])
     assert "no module matches" in (out / "report.md").read_text()
     assert main(["report", str(tmp_path / "missing"), "--out", str(out)]) == 2
+
+
+def test_accuracy_heatmap_draws_a_joint_runs_one_column_matrix(tmp_path: Path) -> None:
+    # mtl trains once on every task: T rows, one column (it made `nlora report` fail)
+    from nlora.figures import accuracy_heatmap
+
+    run = {"name": "mtl", "tasks": ["SST-2", "agnews", "dbpedia"],
+           "accuracy": [[50.0], [33.3], [None]], "scores": {"AA": 41.7}}
+    path = accuracy_heatmap(run, tmp_path / "mtl_accuracy.png")
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100

@@ -46,18 +46,20 @@ def accuracy_heatmap(run: dict[str, Any], path: Path | str) -> Path:
     acc = run["accuracy"] or [[None]]
     t = len(acc)
     data = np.array([[math.nan if v is None else v for v in row] for row in acc], dtype=float)
+    columns = data.shape[1]  # t, or 1 for a joint (mtl) run: one step trained on every task
     size = max(3.5, 0.6 * t + 2)
     fig = Figure(figsize=(size + 1, size))
     ax = fig.add_subplot()
     im = ax.imshow(np.ma.masked_invalid(data), cmap="viridis", vmin=0, vmax=100)
     labels = [f"{k + 1}. {_short(name)}" for k, name in enumerate(run["tasks"][:t])]
-    ax.set_xticks(range(t), [str(k + 1) for k in range(t)])
+    ax.set_xticks(range(columns),
+                  [str(k + 1) for k in range(columns)] if columns == t else ["all (joint)"])
     ax.set_yticks(range(t), labels)
     ax.set_xlabel("after training task j (blank: not measured)")
     ax.set_ylabel("evaluated task i")
     if t <= 16:
         for i in range(t):
-            for j in range(t):
+            for j in range(columns):
                 if not math.isnan(data[i, j]):
                     colour = "black" if data[i, j] > 60 else "white"
                     ax.text(j, i, f"{data[i, j]:.1f}", ha="center", va="center",
