@@ -84,9 +84,15 @@ def unseen_generalisation(unseen: dict[str, Sequence[float | None]]) -> dict[str
     return out
 
 
+def _tidy(value: float | None) -> float | None:
+    """Accuracies are percentages of row counts: differences below 1e-9 are float rounding
+    (e.g. 3.55e-15 for an unchanged task), shown as 0."""
+    return None if value is None else round(value, 9) + 0.0
+
+
 def summarize(matrix: Matrix) -> dict[str, float | None]:
     return {
-        "AA": average_accuracy(matrix),
-        "F.Ra": forgetting(matrix),
-        "BWT": backward_transfer(matrix),
+        "AA": _tidy(average_accuracy(matrix)),
+        "F.Ra": _tidy(forgetting(matrix)),
+        "BWT": _tidy(backward_transfer(matrix)),
     }
