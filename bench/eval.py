@@ -190,6 +190,10 @@ def main() -> None:
                  "positions run", "real positions", "TFLOP executed", "GFLOP/s",
                  "of matmul", "real of matmul", "same preds", "acc"], rows))
     print(f"\nwritten: {write_result('eval-quick' if args.quick else 'eval', record)}")
+    differing = [f"{task}: {variant}" for task, t in record["tasks"].items()
+                 for variant, v in t["variants"].items() if v["same_predictions"] < 1]
+    if differing:  # the cache must not change a single prediction
+        raise SystemExit(f"predictions differ from the plain path: {', '.join(differing)}")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ class IdTokenizer:
     """Text is space-separated token ids: enough of a tokenizer for ``Encoder`` and decoding."""
 
     pad_token_id, eos_token_id, bos_token_id = 0, 1, None
+    is_fast = False  # no character offsets: the bench's prompts fit, "tail" never cuts
 
     def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
         return {"input_ids": [int(t) for t in text.split()]}
@@ -215,7 +216,8 @@ def main() -> None:
     train_rows, eval_rows, record = [], [], {"args": vars(args), "ceiling": ceiling}
     for kind in args.models.split(","):
         model, is_seq2seq = build_model(kind, args.tiny, dtype, args.device)
-        encoder = encoder_of.setdefault(is_seq2seq, Encoder(IdTokenizer(), is_seq2seq))
+        encoder = encoder_of.setdefault(is_seq2seq, Encoder(IdTokenizer(), is_seq2seq,
+                                                            truncation="tail"))
         examples, labels = synthetic_task(args.n, args.prefix, seed=1)
         rows, eval_record = evaluation(kind, model, encoder, examples, labels, args,
                                        ceiling["flops_per_s"])
