@@ -429,6 +429,7 @@ def _run(
             )
         except Diverged as err:
             l1 = method.task_info(j).get("l1_lambda", config.per_task("l1_lambda", j))
+            l1 = f"{l1:g}" if isinstance(l1, int | float) else l1  # or "auto", uncalibrated
             message = (
                 f"{label} diverged: {err}, with --lr {learning_rate:g} and --l1-lambda "
                 f"{l1} (method {config.method}); lower "

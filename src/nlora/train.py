@@ -145,6 +145,8 @@ def train_task(
 ) -> tuple[torch.nn.Module, TrainResult]:
     world, rank = accelerator.num_processes, accelerator.process_index
     micro = micro_batch_size(batch_size, grad_accum, world)
+    if method.encoder is None:  # the runner sets it; a method used on its own gets this one
+        method.encoder = encoder
     features = [method.train_features(ex) for ex in examples]
     tokens = [answer_tokens(f, encoder.is_seq2seq) for f in features]
     lengths = [len(f["input_ids"]) for f in features]
