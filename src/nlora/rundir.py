@@ -288,6 +288,8 @@ def load_task_updates(
             updates.append(dict(read_sparse_delta(folder / SPARSE_DELTA_FILE)))
         elif (adapter / "adapter_model.safetensors").is_file():
             updates.append(dict(read_lora_updates(adapter)))
+        elif len(named := sorted(adapter.glob("*/adapter_model.safetensors"))) == 1:
+            updates.append(dict(read_lora_updates(named[0].parent)))  # a named adapter
         else:
             break
     if not cumulative:

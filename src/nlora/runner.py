@@ -216,7 +216,7 @@ def zero_shot_plan(config: RunConfig, tasks: list[Task], joint: bool = False) ->
     ``zero_shot`` is None the row is made if it adds at most ``ZERO_SHOT_MAX_SHARE``.
     """
     if config.zero_shot is not None:
-        return config.zero_shot, "asked for" if config.zero_shot else "turned off (--no-zero-shot)"
+        return config.zero_shot, "asked for" if config.zero_shot else "--no-zero-shot given"
     n = len(tasks)
     tests = [len(t.test) for t in tasks]
     zero = sum(tests)
@@ -573,7 +573,7 @@ def _zero_shot_step(
         return
     wanted, why = zero_shot_plan(config, tasks, joint)
     if not wanted:
-        log.info("zero-shot row skipped (%s); --zero-shot makes it", why)
+        log.info("zero-shot row skipped: %s; --zero-shot makes it", why)
         return
     log.info("zero-shot row: the base model on every task before task 1 (%s)", why)
     start = time.perf_counter()
