@@ -462,17 +462,18 @@ def _run(
         )
         eval_seconds = time.perf_counter() - start
         if accelerator.is_main_process:
+            scores, lines = judge.score(tasks, predictions)
             record = {
                 "task": "joint" if joint else task.name,
                 "index": j + 1,
-                **judge.record(tasks, predictions),
+                **scores,
                 "train": {"steps": result.steps, "seconds": round(result.seconds, 2),
                           "first_loss": result.first_loss, "last_loss": result.last_loss,
                           "last_penalty": result.last_penalty},
                 "eval_seconds": round(eval_seconds, 2),
                 **({"method": chosen} if chosen else {}),
             }
-            _write_record(folder, judge.lines(tasks, predictions), record)
+            _write_record(folder, lines, record)
             method.task_recorded(j, folder)
             metrics = collect_metrics(out_dir, tasks, joint, config.eval_mode, config.scorer)
             write_json_atomic(out_dir / "metrics.json", metrics)
@@ -529,17 +530,18 @@ class Judge:
         return [is_correct(p.prediction, p.label, self.scorer, self.causal, labels)
                 for p in preds]
 
-    def record(self, tasks: list[Task], predictions: dict[int, list[Prediction]]) -> dict:
-        """done.json's accuracy (percent) and counts ([correct, rows]) per task."""
-        counts = {tasks[i].name: [sum(self.verdicts(tasks[i], p)), len(p)]
-                  for i, p in predictions.items()}
-        return {"scorer": self.scorer,
-                "accuracy": {name: 100.0 * c / n for name, (c, n) in counts.items()},
-                "counts": counts}
-
-    def lines(self, tasks: list[Task], predictions: dict[int, list[Prediction]]) -> list[str]:
-        """predictions.jsonl: the raw answer, its normalised form and the verdict."""
-        return [
+    def score(
+        self, tasks: list[Task], predictions: dict[int, list[Prediction]]
+    ) -> tuple[dict[str, Any], list[str]]:
+        """done.json's accuracy (percent) and counts ([correct, rows]) per task, and the
+        lines of predictions.jsonl (raw answer, normalised form, verdict), from one pass of
+        verdicts."""
+        verdicts = {i: self.verdicts(tasks[i], p) for i, p in predictions.items()}
+        counts = {tasks[i].name: [sum(v), len(v)] for i, v in verdicts.items()}
+        record = {"scorer": self.scorer,
+                  "accuracy": {name: 100.0 * c / n for name, (c, n) in counts.items()},
+                  "counts": counts}
+        lines = [
             json.dumps(
                 {"task": tasks[i].name, "index": p.index, "prediction": p.prediction,
                  "normalised": scored_form(p.prediction, "normalised", self.causal),
@@ -547,8 +549,9 @@ class Judge:
                 ensure_ascii=False,
             )
             for i, preds in predictions.items()
-            for p, ok in zip(preds, self.verdicts(tasks[i], preds), strict=True)
+            for p, ok in zip(preds, verdicts[i], strict=True)
         ]
+        return record, lines
 
 
 def _write_record(folder: Path, lines: list[str], record: dict[str, Any]) -> None:
@@ -582,9 +585,10 @@ def _zero_shot_step(
         config.eval_batch_size, config.eval_mode, config.prefix_cache,
     )
     if accelerator.is_main_process:
-        record = {"task": "zero-shot", "index": 0, **judge.record(tasks, predictions),
+        scores, lines = judge.score(tasks, predictions)
+        record = {"task": "zero-shot", "index": 0, **scores,
                   "eval_seconds": round(time.perf_counter() - start, 2)}
-        _write_record(folder, judge.lines(tasks, predictions), record)
+        _write_record(folder, lines, record)
         log.info("zero-shot: %s", ", ".join(
             f"{t.dataset} {record['accuracy'][t.name]:.1f}" for t in tasks))
     accelerator.wait_for_everyone()
