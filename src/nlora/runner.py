@@ -216,7 +216,8 @@ def zero_shot_plan(config: RunConfig, tasks: list[Task], joint: bool = False) ->
     ``zero_shot`` is None the row is made if it adds at most ``ZERO_SHOT_MAX_SHARE``.
     """
     if config.zero_shot is not None:
-        return config.zero_shot, "asked for" if config.zero_shot else "--no-zero-shot given"
+        off = "zero_shot is false (--no-zero-shot or the config)"
+        return config.zero_shot, "asked for" if config.zero_shot else off
     n = len(tasks)
     tests = [len(t.test) for t in tasks]
     zero = sum(tests)
