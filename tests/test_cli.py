@@ -49,6 +49,17 @@ def test_three_task_run_writes_the_accuracy_matrix(tiny_model_dir, data_dir, tmp
     assert "Accuracy (%)" in out and "AA " in out and "pooled AA" in out and " base " in out
     assert (tmp_path / "run" / "config.yaml").is_file()
     assert (tmp_path / "run" / "run.log").read_text().count("evaluated") == 3
+    # the software stack that made each step, as the libraries report their own versions
+    import accelerate
+    import peft
+    import torch
+    import transformers
+    stack = {"torch": torch.__version__, "transformers": transformers.__version__,
+             "peft": peft.__version__, "accelerate": accelerate.__version__}
+    assert list(metrics["versions"]) == ["zero_shot", "01-yelp", "02-agnews", "03-CB"]
+    for versions in metrics["versions"].values():
+        assert {k: versions[k] for k in stack} == stack and versions["nlora"]
+    assert "transformers " + transformers.__version__ in (tmp_path / "run/run.log").read_text()
 
     # the report reads the run as written: every figure and the metric table
     assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "report")]) == 0
@@ -58,6 +69,7 @@ def test_three_task_run_writes_the_accuracy_matrix(tiny_model_dir, data_dir, tmp
     assert "| run | nlora | 3 |" in (tmp_path / "report" / "report.md").read_text()
 
 
+@pytest.mark.slow  # end to end: make test-fast skips it
 def test_interrupted_run_resumes_to_the_same_result(tiny_llama_dir, data_dir, tmp_path,
                                                     monkeypatch):
     assert _run(tiny_llama_dir, data_dir, tmp_path / "whole") == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import TINY_TASKS
 
 from nlora.cli import main
@@ -29,6 +30,7 @@ def test_the_best_of_each_column_is_marked():
     assert cells["mtl"] == ["80.0*", "-", "-", "-", "5"]
 
 
+@pytest.mark.slow  # end to end: make test-fast skips it
 def test_compare_runs_each_method_in_its_own_folder_and_resumes(
     tiny_llama_dir, data_dir, tmp_path, capsys, monkeypatch
 ):

@@ -63,6 +63,7 @@ def _same_results(one: Path, two: Path) -> None:
         assert pa == (two / "tasks" / folder / "predictions.jsonl").read_text()
 
 
+@pytest.mark.slow  # end to end: make test-fast skips it
 def test_two_processes_give_the_one_process_result(one_process, tiny_llama_dir, data_dir,
                                                    tmp_path):
     out = tmp_path / "two"
@@ -78,6 +79,7 @@ def test_two_processes_give_the_one_process_result(one_process, tiny_llama_dir, 
     assert log.count("evaluated in") == 2  # one process writes the log
 
 
+@pytest.mark.slow  # end to end: make test-fast skips it
 def test_two_nodes_on_loopback_give_the_one_process_result(one_process, tiny_llama_dir,
                                                            data_dir, tmp_path):
     out, port = tmp_path / "nodes", str(_free_port())

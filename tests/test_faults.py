@@ -264,6 +264,7 @@ def _tree(run: Path) -> dict[str, bytes]:
     return files
 
 
+@pytest.mark.slow  # end to end: make test-fast skips it
 def test_kill_9_at_six_moments_then_resume_is_byte_identical(tiny_llama_dir, data_dir,
                                                              tmp_path):
     whole, cut = tmp_path / "whole", tmp_path / "cut"

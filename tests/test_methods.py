@@ -39,6 +39,7 @@ def test_every_method_runs_three_tasks(method, tiny_model_dir, data_dir, tmp_pat
         assert kept == ["03-CB"]
 
 
+@pytest.mark.slow  # end to end: make test-fast skips it
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_resumes_to_the_same_result(method, tiny_llama_dir, data_dir, tmp_path,
                                                  monkeypatch):

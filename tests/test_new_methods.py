@@ -18,6 +18,7 @@ from nlora.model import load_backbone
 NEW = ["l2p", "lfpt5", "progprompt", "osf", "inflora"]
 
 
+@pytest.mark.slow  # end to end: make test-fast skips it
 @pytest.mark.parametrize("method", NEW)
 def test_new_methods_resume_to_the_same_result_on_t5(method, tiny_t5_dir, data_dir, tmp_path,
                                                       monkeypatch):

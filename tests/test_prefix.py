@@ -18,6 +18,7 @@ from nlora.evaluate import (
     plan_prompt_batches,
     rank_answers,
 )
+from nlora.kvcache import cache_argument, returned_cache, with_cache
 from nlora.prefix import (
     MIN_PREFIX_TOKENS,
     build_prefix_cache,
@@ -142,9 +143,9 @@ def test_no_prefix_cache_where_it_would_not_be_exact(tokenizer, data_dir):
             self.backbone, self.config = backbone, backbone.config
 
         def forward(self, input_ids=None, attention_mask=None, position_ids=None,
-                    past_key_values=None, **kwargs):
+                    cache=None, **kwargs):
             return self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                                 position_ids=position_ids, past_key_values=past_key_values,
+                                 position_ids=position_ids, **with_cache(self.backbone, cache),
                                  **kwargs)
 
     assert not supports_prefix_cache(Wrapper(tiny_llama(tokenizer)))
@@ -199,3 +200,51 @@ def test_training_with_the_shared_prefix_once_gives_the_same_loss_and_gradients(
     for g, r in zip(torch.autograd.grad(loss64(ours), params),
                     torch.autograd.grad(loss64(ref), params), strict=True):
         assert float((g - r).norm()) <= 1e-6 * float(r.norm())
+
+
+def test_cache_argument_under_either_transformers_name():
+    class New(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None):
+            return {"cache": cache}
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None):
+            return {"past_key_values": past_key_values}
+
+    class Neither(torch.nn.Module):
+        def forward(self, input_ids=None):
+            return {}
+
+    assert cache_argument(New()) == "cache" and cache_argument(Old()) == "past_key_values"
+    assert cache_argument(Neither()) is None
+    token = object()
+    assert with_cache(Old(), token) == {"past_key_values": token}
+    assert with_cache(New(), None) == {}
+    assert returned_cache(New()(cache=token)) is token
+    assert returned_cache(Old()(past_key_values=token)) is token
+    assert returned_cache({}) is None
+
+
+def test_the_installed_transformers_causal_lm_takes_the_prefix_cache(tokenizer):
+    # fails when a transformers release renames the cache or position argument again
+    llama = tiny_llama(tokenizer).eval()
+    assert supports_prefix_cache(llama)
+    prompts = [list(range(10, 30)) + [40 + i, 50] for i in range(3)]
+    assert build_prefix_cache(llama, prompts) is not None
+
+
+def test_a_causal_lm_that_cannot_take_the_cache_is_named_once_in_the_log(tokenizer, caplog):
+    from transformers import LlamaForCausalLM
+
+    class NoCache(LlamaForCausalLM):
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask,
+                                   position_ids=position_ids, **kwargs)
+
+    model = NoCache(tiny_llama(tokenizer).config).eval()
+    prompts = [list(range(10, 30)) + [40 + i, 50] for i in range(3)]
+    with caplog.at_level("WARNING", logger="nlora"):
+        assert build_prefix_cache(model, prompts) is None
+        assert build_prefix_cache(model, prompts) is None
+    said = [r.getMessage() for r in caplog.records if "prefix cache off" in r.getMessage()]
+    assert len(said) == 1 and "NoCache" in said[0] and "key/value cache" in said[0]

@@ -28,6 +28,7 @@ from transformers.cache_utils import Cache
 
 from nlora.batching import Encoder
 from nlora.data import Example, Task
+from nlora.kvcache import returned_cache, unwrap, with_cache
 from nlora.prefix import PrefixCache, build_prefix_cache
 from nlora.scoring import accuracy, is_correct
 
@@ -108,7 +109,7 @@ def generate_answers(
     for chunk, batch, cache in _prompt_batches(
         model, encoder, examples, batch_size, desc, prefix_cache
     ):
-        extra = {} if cache is None else {"past_key_values": cache}
+        extra = with_cache(model, cache)
         out = model.generate(
             **batch,
             **extra,
@@ -176,8 +177,7 @@ def rank_answers(
 
 
 def _accepts(model: torch.nn.Module, name: str) -> bool:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return name in inspect.signature(inner.forward).parameters
+    return name in inspect.signature(unwrap(model).forward).parameters
 
 
 def _causal_scores(
@@ -194,9 +194,9 @@ def _causal_scores(
     out = model(
         input_ids=batch["input_ids"][:, done:], attention_mask=mask,
         position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, done:], use_cache=True,
-        past_key_values=cache, **extra,
+        **with_cache(model, cache), **extra,
     )
-    cache, first = out.past_key_values, F.log_softmax(out.logits[:, -1].float(), dim=-1)
+    cache, first = returned_cache(out), F.log_softmax(out.logits[:, -1].float(), dim=-1)
     lengths = mask.sum(-1, keepdim=True)
     scores = torch.empty(rows, len(targets), device=mask.device)
     for k, target in enumerate(targets):
@@ -210,7 +210,7 @@ def _causal_scores(
                 input_ids=ids[:-1].expand(rows, steps),
                 attention_mask=torch.cat([mask, mask.new_ones(rows, steps)], dim=1),
                 position_ids=lengths + torch.arange(steps, device=mask.device),
-                past_key_values=cache, use_cache=True,
+                **with_cache(model, cache), use_cache=True,
             )
             logp = F.log_softmax(follow.logits.float(), dim=-1)
             total += logp.gather(-1, ids[1:].expand(rows, steps).unsqueeze(-1)).sum((1, 2))

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from nlora.batching import IGNORE_INDEX
+from nlora.kvcache import returned_cache, with_cache
 from nlora.prefix import MIN_PREFIX_TOKENS
 
 
@@ -92,7 +93,7 @@ def _hidden_after_shared_prefix(
         input_ids=ids[:1, :prefix], attention_mask=mask[:1, :prefix],
         position_ids=positions[:, :prefix], use_cache=True,
     )
-    cache = first.past_key_values
+    cache = returned_cache(first)
     if not isinstance(cache, DynamicCache) or any(
         type(layer) is not DynamicLayer for layer in cache.layers
     ):
@@ -102,7 +103,7 @@ def _hidden_after_shared_prefix(
         layer.values = layer.values.expand(rows, -1, -1, -1)
     return decoder(
         input_ids=ids[:, prefix:], attention_mask=mask,
-        position_ids=positions[:, prefix:].expand(rows, -1), past_key_values=cache,
+        position_ids=positions[:, prefix:].expand(rows, -1), **with_cache(decoder, cache),
         use_cache=True,
     ).last_hidden_state
 
@@ -144,5 +145,8 @@ def answer_head_forward(
     if cap:
         logits = torch.tanh(logits / cap) * cap
     answer_labels = targets[mask]
-    loss = F.cross_entropy(logits.float(), answer_labels, reduction="mean")
+    # Half-precision logits are upcast for the loss (as transformers does); float64 ones stay
+    # float64, where transformers' own loss would round them to float32.
+    wide = logits if logits.dtype == torch.float64 else logits.float()
+    loss = F.cross_entropy(wide, answer_labels, reduction="mean")
     return AnswerOutputs(loss, logits, mask, answer_labels)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,6 +33,10 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from nlora.kvcache import cache_argument, returned_cache, unwrap
+
+log = logging.getLogger("nlora")
 
 # Below this many shared tokens the extra pass and the cache copies are not worth it.
 MIN_PREFIX_TOKENS = 8
@@ -62,8 +67,15 @@ def shared_prefix(prompts: Sequence[Sequence[int]], max_length: int | None = Non
     return list(whole[0][: common_prefix_length(whole)]) if whole else []
 
 
-def _inner(model: torch.nn.Module) -> torch.nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+_said: set[tuple[str, str]] = set()
+
+
+def _say_once(model: torch.nn.Module, why: str) -> None:
+    """Log (once per model class and reason) that a model that should take the cache can't."""
+    key = (type(model).__name__, why)
+    if key not in _said:
+        _said.add(key)
+        log.warning("prefix cache off for %s: %s (same predictions, slower evaluation)", *key)
 
 
 def supports_prefix_cache(model: torch.nn.Module) -> bool:
@@ -71,17 +83,21 @@ def supports_prefix_cache(model: torch.nn.Module) -> bool:
 
     Only a transformers causal LM, bare or inside a PEFT model that does not add virtual
     tokens: a wrapper that puts anything before the tokens (soft prompts, chosen per input
-    or per task) would see a different input when its prefix runs alone.
+    or per task) would see a different input when its prefix runs alone. Such a model whose
+    forward takes no positions or no cache is named once in the log.
     """
-    inner = model
-    if isinstance(model, PeftModel):
-        if model.active_peft_config.is_prompt_learning:
-            return False
-        inner = model.get_base_model()
+    if isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning:
+        return False
+    inner = unwrap(model)
     if not isinstance(inner, PreTrainedModel) or inner.config.is_encoder_decoder:
         return False
-    accepted = inspect.signature(inner.forward).parameters
-    return "position_ids" in accepted and "past_key_values" in accepted
+    if "position_ids" not in inspect.signature(inner.forward).parameters:
+        _say_once(inner, "its forward takes no position_ids")
+        return False
+    if cache_argument(inner) is None:
+        _say_once(inner, "its forward takes no key/value cache (cache= or past_key_values=)")
+        return False
+    return True
 
 
 @dataclass
@@ -135,14 +151,17 @@ def build_prefix_cache(
     device = next(model.parameters()).device
     input_ids = torch.tensor([ids], device=device)
     extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(
-        _inner(model).forward).parameters else {}
+        unwrap(model).forward).parameters else {}
     out = model(
         input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
         position_ids=torch.arange(len(ids), device=device)[None], use_cache=True, **extra,
     )
-    cache = out.past_key_values
+    cache = returned_cache(out)
     if not isinstance(cache, DynamicCache) or any(
         type(layer) is not DynamicLayer for layer in cache.layers
     ):
+        _say_once(unwrap(model), f"its cache is {type(cache).__name__} with layers of types "
+                  f"{sorted({type(layer).__name__ for layer in getattr(cache, 'layers', [])})}, "
+                  "not plain DynamicLayer ones")
         return None
     return PrefixCache(ids, cache)

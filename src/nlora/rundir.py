@@ -15,12 +15,17 @@ Layout::
                                collision-free updates, nlora.sparse) or the method's own
                                files, predictions.jsonl, done.json (written last: marks the
                                task finished); a joint method (mtl) has one 01-joint/
+
+Every done.json records the versions of the software stack that made it (``versions``), and
+metrics.json gathers them per step, so a result can be traced to its stack even when a run
+was resumed under another one.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import importlib.metadata
 import json
 import os
 import re
@@ -39,6 +44,13 @@ from nlora.io import write_text_atomic
 from nlora.metrics import summarize
 from nlora.param_metrics import LoraUpdate, TaskUpdate, update_difference
 from nlora.sparse import SPARSE_DELTA_FILE, read_sparse_delta
+
+STACK = ("nlora", "torch", "transformers", "peft", "accelerate")
+
+
+def software_versions() -> dict[str, str]:
+    """The installed versions of nlora and the libraries its numbers depend on."""
+    return {name: importlib.metadata.version(name) for name in STACK}
 
 
 def task_folder(out_dir: Path, index: int, task: Task) -> Path:
@@ -218,11 +230,13 @@ def collect_metrics(
     matrix: list[list[float | None]] = [[None] * len(folders) for _ in tasks]
     finished = finished_tasks(out_dir, tasks, joint)
     last_counts: dict[str, list[int]] = {}
+    versions: dict[str, dict[str, str]] = {}
     for j, folder in enumerate(folders[:finished]):
         record = json.loads((folder / "done.json").read_text(encoding="utf-8"))
         for name, acc in record["accuracy"].items():
             matrix[names.index(name)][j] = acc
         last_counts = record.get("counts") or {}
+        versions[folder.name] = record.get("versions")
     metrics: dict[str, Any] = {
         "tasks": names, "finished": finished, "eval_mode": eval_mode, "scorer": scorer,
         "accuracy": matrix,
@@ -231,6 +245,8 @@ def collect_metrics(
     if zero.is_file():
         record = json.loads(zero.read_text(encoding="utf-8"))
         metrics["zero_shot"] = [record["accuracy"].get(name) for name in names]
+        versions = {zero.parent.name: record.get("versions"), **versions}
+    metrics["versions"] = versions  # per step: a resume may have run under another stack
     if not joint:
         unseen = {
             name: [matrix[i][j] if j < i else None for j in range(len(folders))]

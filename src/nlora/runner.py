@@ -51,6 +51,7 @@ from nlora.rundir import (
     collect_metrics,
     finished_tasks,
     open_run_dir,
+    software_versions,
     step_folders,
     zero_shot_folder,
 )
@@ -374,6 +375,7 @@ def _run(
 ) -> dict[str, Any]:
     for line in describe_presets(config):  # what the protocol and presets set, with sources
         log.info(line)
+    log.info("software: %s", ", ".join(f"{k} {v}" for k, v in software_versions().items()))
     model = backbone.model.to(accelerator.device)
     method.is_main_process = accelerator.is_main_process
     method.encoder = encoder
@@ -558,6 +560,7 @@ class Judge:
 def _write_record(folder: Path, lines: list[str], record: dict[str, Any]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     write_text_atomic(folder / "predictions.jsonl", "\n".join(lines) + "\n")
+    record = {**record, "versions": software_versions()}
     write_json_atomic(folder / "done.json", record)  # last: marks the step finished
 
 

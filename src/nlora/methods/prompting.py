@@ -34,6 +34,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from nlora.batching import IGNORE_INDEX
 from nlora.io import write_dir_atomic
+from nlora.kvcache import with_cache
 from nlora.loss import answer_head_forward, supports_answer_head
 
 PROMPT_FILE = "adapter_model.safetensors"
@@ -143,10 +144,11 @@ class PromptedModel(torch.nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: Any = None,
+        cache: Any = None,
         encoder_outputs: Any = None,
         **kwargs: Any,
     ):
+        kv = with_cache(self.backbone, cache)  # under the backbone's own name for it
         if encoder_outputs is not None:  # seq2seq: get_encoder() already read the prompts
             if attention_mask is not None:
                 extra = encoder_outputs.last_hidden_state.shape[1] - attention_mask.shape[1]
@@ -155,9 +157,9 @@ class PromptedModel(torch.nn.Module):
                 )
             return self.backbone(
                 encoder_outputs=encoder_outputs, attention_mask=attention_mask, labels=labels,
-                past_key_values=past_key_values, **kwargs,
+                **kv, **kwargs,
             )
-        cached = 0 if past_key_values is None else past_key_values.get_seq_length()
+        cached = 0 if cache is None else cache.get_seq_length()
         if cached:  # causal continuation: the cache already holds the prompts and the input
             extra = cached + input_ids.shape[1] - attention_mask.shape[1]
             attention_mask = torch.cat(
@@ -167,14 +169,13 @@ class PromptedModel(torch.nn.Module):
                 position_ids = position_ids + extra
             return self.backbone(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=past_key_values, labels=labels, **kwargs,
+                **kv, labels=labels, **kwargs,
             )
         embeds, mask = self.prompted_inputs(input_ids, attention_mask)
         n = embeds.shape[1] - input_ids.shape[1]
         if self.is_seq2seq:
             return self.backbone(
-                inputs_embeds=embeds, attention_mask=mask, labels=labels,
-                past_key_values=past_key_values, **kwargs,
+                inputs_embeds=embeds, attention_mask=mask, labels=labels, **kv, **kwargs
             )
         if labels is not None:
             labels = torch.cat([labels.new_full((labels.shape[0], n), IGNORE_INDEX), labels], 1)
@@ -188,7 +189,7 @@ class PromptedModel(torch.nn.Module):
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         return self.backbone(
             inputs_embeds=embeds, attention_mask=mask, labels=labels,
-            position_ids=position_ids, past_key_values=past_key_values, **kwargs,
+            position_ids=position_ids, **kv, **kwargs,
         )
 
     @torch.no_grad()

@@ -35,9 +35,10 @@ class SeqFT(ContinualMethod):
         model.requires_grad_(True)
         # Activations, not weights, dominate memory at batch 32; recomputing them in the
         # backward pass keeps full fine-tuning small (docs/methods.md, "Memory").
-        # Dropout's random state is replayed, so results are unchanged.
+        # Dropout's random state is replayed, so results are unchanged. Non-reentrant: the
+        # default of recent transformers, and the one EWC's Fisher pass (autograd.grad) needs.
         if getattr(model, "supports_gradient_checkpointing", False):
-            model.gradient_checkpointing_enable()
+            model.gradient_checkpointing_enable({"use_reentrant": False})
             model.config.use_cache = False
         return model
 
