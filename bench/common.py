@@ -6,11 +6,15 @@ import json
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
+
+from nlora.batching import Encoder
+from nlora.train import global_batches
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -49,3 +53,40 @@ def write_result(name: str, record: dict[str, Any]) -> Path:
     record = {**record, "machine": machine()}
     path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return path
+
+
+class GlobalBatchSampler:
+    """``global_batches`` as a DataLoader batch sampler: epoch e on the e-th pass."""
+
+    def __init__(
+        self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool = True
+    ) -> None:
+        self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
+        self.group_by_length = group_by_length
+        self.drop_last = False  # read by Accelerate if it prepares the loader
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = global_batches(
+            self.lengths, self.batch_size, self.seed, self.epoch, self.group_by_length
+        )
+        self.epoch += 1
+        yield from batches
+
+
+def make_train_loader(
+    features: list[dict[str, list[int]]],
+    encoder: Encoder,
+    batch_size: int,
+    seed: int,
+    group_by_length: bool = True,
+    collate: Callable[[list[dict[str, list[int]]]], dict[str, torch.Tensor]] | None = None,
+) -> DataLoader:
+    """One process's view of the training batches, as ``train_task`` forms them (benches,
+    and a test)."""
+    sampler = GlobalBatchSampler([len(f["input_ids"]) for f in features], batch_size, seed,
+                                 group_by_length)
+    return DataLoader(features, batch_sampler=sampler, collate_fn=collate or encoder.collate_train)

@@ -32,13 +32,13 @@ from nlora.batching import Encoder
 from nlora.data import Example, load_task
 from nlora.evaluate import (
     Prediction,
-    accuracy,
     generate_answers,
     plan_prompt_batches,
     rank_answers,
 )
 from nlora.model import load_backbone
 from nlora.prefix import build_prefix_cache
+from nlora.scoring import accuracy
 
 DATA = Path(os.environ.get("NLORA_DATA", Path(__file__).resolve().parents[2] / "shared"
                            / "CL_Benchmark"))

@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 
 import torch
-from common import median, table, timed, write_result
+from common import make_train_loader, median, table, timed, write_result
 from flops import matmul_ceiling, step_flops
 
 from nlora.adapters import add_adapter
@@ -37,7 +37,6 @@ from nlora.data import load_task
 from nlora.loss import answer_head_forward, batch_prefix_length
 from nlora.methods.nlora import NLoRA
 from nlora.model import load_backbone
-from nlora.train import make_train_loader
 
 DATA = Path(os.environ.get("NLORA_DATA", Path(__file__).resolve().parents[2] / "shared"
                            / "CL_Benchmark"))

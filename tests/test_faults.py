@@ -70,15 +70,15 @@ def _bad_data(root: Path) -> dict[str, Path]:
 
 
 BAD_OPTIONS = [  # (extra arguments, what the one line must say)
-    (["--epochs", "0"], "--epochs must be a whole number of at least 1, got 0"),
-    (["--epochs", "-2"], "--epochs must be a whole number of at least 1, got -2"),
-    (["--epochs", "1,0"], "--epochs must be a whole number of at least 1, got 0"),
+    (["--epochs", "0"], "--epochs must be a whole number of at least 1 and at most 100000, got 0"),
+    (["--epochs", "-2"], "--epochs must be a whole number of at least 1 and at most 100000, got -2"),
+    (["--epochs", "1,0"], "--epochs must be a whole number of at least 1 and at most 100000, got 0"),
     (["--lr", "0"], "--lr must be a finite number > 0"),
     (["--lr=-1e-3"], "--lr must be a finite number > 0, got -0.001"),
     (["--lr", "nan"], "--lr must be a finite number"),
-    (["--l1-lambda", "-1"], "--l1-lambda must be a finite number >= 0, got -1"),
-    (["--l1-lambda", "inf"], "--l1-lambda must be a finite number >= 0, got inf"),
-    (["--l1-lambda", "nan"], "--l1-lambda must be a finite number >= 0, got nan"),
+    (["--l1-lambda", "-1"], "--l1-lambda must be a finite number >= 0 or 'auto', got -1"),
+    (["--l1-lambda", "inf"], "--l1-lambda must be a finite number >= 0 or 'auto', got inf"),
+    (["--l1-lambda", "nan"], "--l1-lambda must be a finite number >= 0 or 'auto', got nan"),
     (["--lora-dropout", "2"], "--lora-dropout must be a finite number >= 0 and < 1, got 2"),
     (["--lora-r", "0"], "--lora-r must be a whole number of at least 1"),
     (["--max-source-length", "0"], "--max-source-length must be a whole number of at least 8"),
@@ -86,7 +86,7 @@ BAD_OPTIONS = [  # (extra arguments, what the one line must say)
     (["--batch-size", "6", "--grad-accum", "4"], "--batch-size 6 (the global batch) does not"),
     (["--train-per-task", "0"], "--train-per-task must be a whole number of at least 1"),
     (["--weight-decay", "-0.1"], "--weight-decay must be a finite number >= 0"),
-    (["--seed", "-1"], "--seed must be a whole number in [0, 2^31)"),
+    (["--seed", "-1"], "--seed must be a whole number of at least 0 and at most 2147483647"),
     (["--max-grad-norm", "-1"], "--max-grad-norm must be a finite number >= 0"),
     (["--precision", "fp16"], "--precision fp16 needs a GPU"),
     (["--target-modules", "nothing_here"],
@@ -219,14 +219,14 @@ DRIVER = textwrap.dedent("""
 
         torch.optim.AdamW.step = step
     elif where == "eval":
-        from nlora import runner
-        real_predict = runner.predict
+        from nlora import distributed
+        real_predict = distributed.predict
 
         def predict(*a, **k):
             count_and_maybe_die("eval")
             return real_predict(*a, **k)
 
-        runner.predict = predict
+        distributed.predict = predict
     from nlora.cli import main
     sys.exit(main(sys.argv[1:]))
 """)

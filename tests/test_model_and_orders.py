@@ -9,8 +9,8 @@ import pytest
 from nlora import model as model_module
 from nlora.cli import build_parser
 from nlora.cli.learn import config_from_args
-from nlora.config import DEFAULT_L1_LAMBDA
 from nlora.errors import ConfigError, ModelError
+from nlora.methods.nlora import DEFAULT_L1_LAMBDA
 from nlora.orders import get_order
 from nlora.presets import default_l1_lambda
 

@@ -7,7 +7,7 @@ import json
 
 import torch
 import torch.nn.functional as F
-from conftest import TINY_TASKS, tiny_llama, tiny_t5
+from conftest import REPO, TINY_TASKS, tiny_llama, tiny_t5
 from test_nlora_method import _randomise_lora
 
 from nlora.adapters import add_adapter
@@ -17,7 +17,6 @@ from nlora.config import RunConfig
 from nlora.data import load_task
 from nlora.evaluate import generate_answers, rank_answers
 from nlora.loss import answer_head_forward
-from nlora.train import make_train_loader
 
 
 def _examples(data_dir, n=10):
@@ -70,7 +69,12 @@ def test_length_grouped_batches_cover_every_example_once_with_less_padding():
 
 
 def test_grouped_loader_works_through_accelerate(tokenizer, data_dir):
+    import sys
+
     from accelerate import Accelerator
+
+    sys.path.insert(0, str(REPO / "bench"))  # the benches' loader of train_task's batches
+    from common import make_train_loader
 
     encoder = Encoder(tokenizer, is_seq2seq=False, max_source_length=64)
     features = [encoder.train_features(ex) for ex in _examples(data_dir, 10).train]

@@ -113,13 +113,11 @@ def test_gradients_are_clipped_before_each_step(tokenizer, data_dir, monkeypatch
 
 def test_bf16_trains_under_autocast_on_cpu(tokenizer, data_dir):
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
 
     from nlora.methods.nlora import NLoRA
     from nlora.train import train_task
 
-    AcceleratorState._reset_state()
-    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    accelerator = Accelerator(cpu=True)
     encoder = Encoder(tokenizer, is_seq2seq=False, max_source_length=64)
     task = load_task(data_dir, "SC/yelp", train_per_task=8, test_per_task=4, seed=1)
     method = NLoRA(RunConfig(lora_r=4), is_seq2seq=False)
@@ -129,10 +127,9 @@ def test_bf16_trains_under_autocast_on_cpu(tokenizer, data_dir):
     hook = layer.register_forward_hook(lambda m, i, o: dtypes.add(o.dtype))
     try:
         model, result = train_task(model, method, 0, task.train, encoder, accelerator, 5e-3, 1,
-                                   4, 0.0, seed=0)
+                                   4, 0.0, seed=0, precision="bf16")
     finally:
         hook.remove()
-        AcceleratorState._reset_state()
     assert dtypes == {torch.bfloat16}  # matmuls ran in bf16...
     assert all(p.dtype == torch.float32 for p in model.parameters())  # ...weights stay fp32
     assert result.steps == 2 and torch.isfinite(torch.tensor(result.last_loss))

@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 _API: dict[str, tuple[str, str]] = {
     "RunConfig": ("nlora.config", "RunConfig"),
     "make_config": ("nlora.presets", "make_config"),
-    "read_options": ("nlora.presets", "read_options"),
+    "read_options": ("nlora.config", "read_options"),
     "run": ("nlora.runner", "run"),
     "compare_methods": ("nlora.compare", "compare"),  # not "compare": that is a submodule
     "format_results": ("nlora.tables", "format_results"),

@@ -9,7 +9,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
@@ -17,10 +17,12 @@ from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 from transformers import PreTrainedModel
 
-from nlora.config import RunConfig
 from nlora.errors import ConfigError
 from nlora.io import write_dir_atomic
 from nlora.param_metrics import LoraUpdate
+
+if TYPE_CHECKING:  # nlora.config imports the methods, which import this module
+    from nlora.config import RunConfig
 
 
 @dataclass

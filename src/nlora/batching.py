@@ -17,11 +17,12 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from nlora.config import MIN_SOURCE_LENGTH, TRUNCATIONS
 from nlora.data import Example
 from nlora.errors import ConfigError
 
 IGNORE_INDEX = -100  # positions the loss skips
+TRUNCATIONS = ("text", "head", "tail")
+MIN_SOURCE_LENGTH = 8  # room for a BOS, a few text tokens and "Answer:"
 
 
 class Encoder:

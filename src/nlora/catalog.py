@@ -31,11 +31,6 @@ class TaskInfo:
     def has_instruction(self) -> bool:
         return self.category in INSTRUCTIONS
 
-    @property
-    def runnable(self) -> bool:
-        """Both splits present (what ``nlora run`` needs)."""
-        return all(self.rows.get(split) is not None for split in SPLITS)
-
 
 def _left_out_labels(path: Path, labels: list[str]) -> dict[str, int]:
     rows = json.loads(path.read_text(encoding="utf-8"))  # already validated by read_split

@@ -98,10 +98,6 @@ class Task:
     # split -> rows kept although their label is not in labels.json (scored as wrong)
     unlabelled: dict[str, int] = field(default_factory=dict)
 
-    @property
-    def short_name(self) -> str:
-        return self.dataset
-
 
 def build_prompt(
     category: str,

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nlora.methods import METHODS
 from nlora.presets import make_config
 
 DEMO_METHODS: tuple[str, ...] = ("nlora", "seqlora")
@@ -33,10 +34,6 @@ DEMO_OPTIONS: dict[str, Any] = {
     "seed": 42,
     "zero_shot": False,  # the table shows no FWT; the base model's pass would add a minute
 }
-
-METHOD_NAMES = {"nlora": "N-LoRA", "seqlora": "SeqLoRA", "olora": "O-LoRA",
-                "inclora": "IncLoRA", "olora+nlora": "O-LoRA+N-LoRA"}
-
 
 @dataclass
 class DemoMethod:
@@ -117,7 +114,8 @@ def _cell(x: float | None, width: int) -> str:
 def format_demo(result: DemoResult) -> str:
     """The demo table: per task its chance level and, per method, the accuracy right after
     its own training and at the end; then AA, F.Ra, BWT, ACR and ΔW density per method."""
-    names = [METHOD_NAMES.get(m.method, m.method) for m in result.methods]
+    names = [METHODS[m.method].title if m.method in METHODS else m.method
+             for m in result.methods]
     width = max(8, *(len(t) for t in result.tasks)) + 1
     scoring = ("rank scoring: the most likely of the task's labels"
                if result.eval_mode == "rank" else "greedy generation, exact match")

@@ -27,24 +27,19 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
 from nlora.batching import Encoder
-from nlora.data import Example, Task
+from nlora.data import Example
 from nlora.kvcache import returned_cache, unwrap, with_cache
 from nlora.prefix import PrefixCache, build_prefix_cache
-from nlora.scoring import accuracy, is_correct
 
 
 @dataclass
 class Prediction:
     """One test row's generated text (raw, stripped) and its label; ``nlora.scoring`` judges it
-    (the run's ``--scorer``); ``correct`` is the strict verdict."""
+    (the run's ``--scorer``)."""
 
     index: int
     prediction: str
     label: str
-
-    @property
-    def correct(self) -> bool:
-        return is_correct(self.prediction, self.label, "strict")
 
 
 def plan_prompt_batches(
@@ -239,18 +234,3 @@ def _seq2seq_scores(
         logp = F.log_softmax(out.logits.float(), dim=-1)
         scores[:, k] = logp.gather(-1, ids.expand(rows, -1).unsqueeze(-1)).sum((1, 2))
     return scores
-
-
-def evaluate_task(
-    model: PreTrainedModel,
-    encoder: Encoder,
-    task: Task,
-    batch_size: int = 64,
-    mode: str = "generate",
-    prefix_cache: bool = True,
-) -> tuple[float, list[Prediction]]:
-    predictions = predict(
-        model, encoder, task.test, task.labels, batch_size, mode, desc=f"eval {task.dataset}",
-        prefix_cache=prefix_cache,
-    )
-    return accuracy(predictions), predictions

@@ -9,8 +9,8 @@ from the first source that has it:
    order (schedule, batch and accumulation, precision, penalty form and weights);
 2. the method's own source under either protocol: O-LoRA's scripts for ``olora``, ``inclora``
    and ``seqlora`` (baselines run as their authors ran them);
-3. the method's default (``METHOD_DEFAULTS``), then the task order's preset from the N-LoRA
-   paper (``nlora.orders``), then ``RunConfig``'s own default.
+3. the method's default (its class's ``defaults``), then the task order's preset from the
+   N-LoRA paper (``nlora.orders``), then ``RunConfig``'s own default.
 
 Where each such value came from is kept in ``RunConfig.preset_sources`` (config.yaml) and
 printed by the run (``describe_presets``). Task names are resolved against the data folder,
@@ -19,15 +19,19 @@ and a task whose data is absent fails here, before anything runs.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from nlora.config import DEFAULT_L1_LAMBDA, METHOD_DEFAULTS, PROTOCOLS, RunConfig
+from nlora.config import (
+    EXTRA_OPTIONS,
+    FIELDS,
+    PROTOCOLS,
+    RECORDS,
+    RunConfig,
+    coerce_options,
+    read_options,
+)
 from nlora.data import (
     KNOWN_CATEGORIES,
     data_dir_from,
@@ -36,17 +40,15 @@ from nlora.data import (
     task_is_available,
 )
 from nlora.errors import ConfigError, DataError
+from nlora.methods import get_method
+from nlora.methods.base import release_facts
+from nlora.methods.nlora import DEFAULT_L1_LAMBDA
 from nlora.orders import PAPER_BASE_LAMBDA, Order, get_order, substitute
 from nlora.release import COMMON, method_script
 
-FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig))
-EXTRA_OPTIONS = ("substitute",)  # options that shape the config but are not stored in it
+__all__ = ["make_config", "read_options", "describe_presets", "combine_options"]
+
 ORDER_PRESETS = ("learning_rate", "epochs", "batch_size")
-FLAG_KEYS = {"lr": "learning_rate", "data": "data_dir"}  # flags named unlike their key
-RECORDS = ("preset_sources", "preset_notes")  # written by make_config, never given
-L1_METHODS = ("nlora", "olora+nlora")  # the methods whose loss has the ℓ1 term
-# Baselines whose schedule comes from their authors' scripts under either protocol.
-OWN_SOURCE = ("olora", "inclora", "seqlora")
 
 Layer = dict[str, tuple[Any, str]]  # field -> (value, where it comes from)
 COMMON_LAYER: Layer = {f: (v, f"release: {src}") for f, (v, src) in COMMON.items()}
@@ -63,6 +65,7 @@ def make_config(**options: Any) -> RunConfig:
     unknown = sorted(set(options) - set(FIELDS) - set(EXTRA_OPTIONS))
     if unknown:
         raise ConfigError(f"unknown option {', '.join(unknown)}")
+    options = coerce_options(options)
     given = {k: v for k, v in options.items() if v is not None and k not in RECORDS}
     protocol = given.get("protocol", RunConfig.protocol)
     if protocol not in PROTOCOLS:
@@ -81,8 +84,6 @@ def make_config(**options: Any) -> RunConfig:
     else:
         raise ConfigError("no tasks: pass --order NAME or --tasks a,b,c")
     method = given.get("method", RunConfig.method)
-    from nlora.methods import get_method  # heavy (torch, PEFT): only once options parse
-
     get_method(method)  # an unknown method fails here, before anything runs
     values = dict(given)
     values["data_dir"] = str(data_dir)
@@ -106,47 +107,6 @@ def make_config(**options: Any) -> RunConfig:
     config = RunConfig(**values)
     config.validate()
     return config
-
-
-def read_options(path: str | Path) -> dict[str, Any]:
-    """The options of a YAML config file, for ``make_config(**options)``.
-
-    Its keys are those of a run folder's ``config.yaml`` (``RunConfig`` fields, plus
-    ``substitute``), so a finished run's config reruns as it is. An unknown key, a file that
-    is not a mapping or malformed YAML is a one-line error naming the file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} not found")
-    try:
-        options = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}: malformed YAML{where}") from None
-    if options is None:
-        return {}
-    if not isinstance(options, dict):
-        raise ConfigError(f"{path}: expected a mapping of option: value, got "
-                          f"{type(options).__name__}")
-    known = set(FIELDS) | set(EXTRA_OPTIONS)
-    for key in options:
-        if key not in known:
-            close = _closest_key(str(key), known)
-            hint = f" (did you mean {close!r}?)" if close else ""
-            raise ConfigError(f"{path}: unknown key {key!r}{hint}; keys are those of a run's "
-                              "config.yaml")
-    return options
-
-
-def _closest_key(key: str, known: set[str]) -> str | None:
-    """The key a flag-like or misspelt ``key`` probably means (``lr``, ``lora-r``, ...)."""
-    spelled = key.lstrip("-").replace("-", "_")
-    spelled = FLAG_KEYS.get(spelled, spelled)
-    if spelled in known:
-        return spelled
-    close = difflib.get_close_matches(spelled, sorted(known), n=1)
-    return close[0] if close else None
 
 
 def combine_options(from_file: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
@@ -177,11 +137,13 @@ def preset_layers(
     if order is not None:  # the N-LoRA paper's settings of the order (Appendix 7.5)
         for field in ORDER_PRESETS:
             merged[field] = (_plain(getattr(order, field)), f"paper Appendix 7.5 ({order.name})")
-    for field, value in METHOD_DEFAULTS.get(method, {}).items():
+    facts = get_method(method)
+    for field, value in facts.defaults.items():
         merged[field] = (value, f"nlora default for {method} (docs/methods.md)")
-    release, script = method_script(method, order.name if order else None)
+    scripts, own_schedule, note = release_facts(facts)
+    release, script = method_script(scripts, order.name if order else None, note)
     where = f"{release} {script.source}" if script else ""
-    own_source = script is not None and method in OWN_SOURCE
+    own_source = script is not None and own_schedule
     if own_source:  # baselines as their authors ran them, under either protocol
         merged.update({f: (v, where) for f, v in script.hyperparameters().items()})
     if protocol == "release":
@@ -200,7 +162,7 @@ def preset_layers(
             merged.update({f: (v, where) for f, v in hyper.items()})
     if script is not None and script.note and (protocol == "release" or own_source):
         notes.append(script.note)
-    if "l1_lambda" not in merged and method in L1_METHODS:
+    if "l1_lambda" not in merged and facts.uses_l1:
         l1_on = given.get("l1_on", merged.get("l1_on", (RunConfig.l1_on, ""))[0])
         source = (
             f"paper Appendix 7.5 λ ({order.name})" if order and l1_on == "reference"
@@ -251,6 +213,8 @@ def parse_substitutions(value: Mapping[str, str] | Iterable[str] | str) -> dict[
     """{"yahoo": "yelp"} from a mapping, "yahoo=yelp,wic=sst-2" or a list of such strings."""
     if isinstance(value, Mapping):
         return {str(k): str(v) for k, v in value.items()}
+    if not isinstance(value, str | list | tuple):
+        raise ConfigError(f"--substitute expects OLD=NEW pairs, got {value!r}")
     items = [value] if isinstance(value, str) else list(value)
     pairs = {}
     for item in items:

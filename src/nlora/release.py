@@ -154,26 +154,31 @@ def _baseline(script: Script) -> Script:
     )
 
 
-def method_script(method: str, order: str | None) -> tuple[str | None, Script | None]:
-    """(release, script) of ``method`` for ``order`` (None: custom tasks), or (None, None).
+SCRIPT_SETS = ("n-lora", "o-lora", "o-lora-baseline", "seqft")
 
-    ``olora``, ``inclora``, ``seqlora`` come from the O-LoRA release, ``nlora`` and
-    ``olora+nlora`` (paper Table 4; no script of its own) from the N-LoRA release.
+
+def method_script(
+    scripts: str | None, order: str | None, note: str | None = None
+) -> tuple[str | None, Script | None]:
+    """(release, script) for ``order`` (None: custom tasks) from the set of released scripts
+    a method names (``ContinualMethod.released_scripts``), or (None, None).
+
+    ``n-lora``: the N-LoRA release's scripts; ``o-lora``: O-LoRA's own; ``o-lora-baseline``:
+    O-LoRA's at λ = 0 and one epoch (IncLoRA, SeqLoRA); ``seqft``: the SeqFT log of order 1.
+    ``note`` replaces the script's note (e.g. a method without a script of its own).
     """
-    if method in ("nlora", "olora+nlora"):
-        script = N_LORA_SCRIPTS.get(order) if order else _custom(N_LORA_NO_ORDER, "2-3")
-        if script is None:
-            return None, None
-        if method == "olora+nlora":
-            script = replace(script, note=(
-                "olora+nlora (paper Table 4) has no released script: N-LoRA's schedule and λ, "
-                "with O-LoRA's released penalty forms and λ1"))
-        return N_LORA, script
-    if method in ("olora", "inclora", "seqlora"):
-        script = O_LORA_SCRIPTS.get(order) if order else _custom(O_LORA_NO_ORDER, "1-3")
-        if script is None:
-            return None, None
-        return O_LORA, script if method == "olora" else _baseline(script)
-    if method == "seqft" and order in SEQFT_SCRIPTS:
-        return O_LORA, SEQFT_SCRIPTS[order]
-    return None, None
+    if scripts not in SCRIPT_SETS:
+        return None, None
+    if scripts == "n-lora":
+        release, script = N_LORA, (N_LORA_SCRIPTS.get(order) if order
+                                   else _custom(N_LORA_NO_ORDER, "2-3"))
+    elif scripts == "seqft":
+        release, script = O_LORA, SEQFT_SCRIPTS.get(order) if order else None
+    else:
+        release, script = O_LORA, (O_LORA_SCRIPTS.get(order) if order
+                                   else _custom(O_LORA_NO_ORDER, "1-3"))
+        if script is not None and scripts == "o-lora-baseline":
+            script = _baseline(script)
+    if script is None:
+        return None, None
+    return release, replace(script, note=note) if note else script

@@ -40,7 +40,8 @@ from nlora.adapters import read_lora_updates
 from nlora.config import RunConfig
 from nlora.data import Task
 from nlora.errors import ConfigError
-from nlora.io import write_text_atomic
+from nlora.io import write_json_atomic, write_text_atomic
+from nlora.methods.base import ContinualMethod
 from nlora.metrics import summarize
 from nlora.param_metrics import LoraUpdate, TaskUpdate, update_difference
 from nlora.sparse import SPARSE_DELTA_FILE, read_sparse_delta
@@ -335,3 +336,33 @@ def load_run_info(run_dir: Path | str) -> dict[str, Any]:
     if (run_dir / "metrics.json").is_file():
         metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     return {"config": config, "metrics": metrics}
+
+
+def write_record(folder: Path, lines: list[str], record: dict[str, Any]) -> None:
+    """A finished step's predictions.jsonl and, last, its done.json (the mark of a finished
+    step), stamped with the software versions that made it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(folder / "predictions.jsonl", "\n".join(lines) + "\n")
+    record = {**record, "versions": software_versions()}
+    write_json_atomic(folder / "done.json", record)  # last: marks the step finished
+
+
+def record_adapter_base(
+    out_dir: Path, folder: Path, index: int, tasks: list[Task], config: RunConfig,
+    method: ContinualMethod,
+) -> None:
+    """Write ``adapter/loads_on.json``: what the task's adapter must be loaded on."""
+    adapter = folder / "adapter"
+    if not adapter.is_dir():
+        return
+    earlier = step_folders(out_dir, tasks, method.joint)[:index] if method.merges_earlier else []
+    write_json_atomic(adapter / LOADS_ON, {
+        "base_model": config.model,
+        "merge_first": [str((f / "adapter").relative_to(out_dir)) for f in earlier],
+        "method": config.method,
+        "task": index + 1,
+        "note": (
+            "load on the base model with the adapters of merge_first merged in order"
+            if earlier else "load on the base model"
+        ) + f"; or: nlora load RUN --task {index + 1}",
+    })

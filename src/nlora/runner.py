@@ -19,18 +19,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from accelerate.utils import (
-    broadcast_object_list,
-    gather_object,
     is_tensorboard_available,
     set_seed,
 )
@@ -38,21 +33,29 @@ from accelerate.utils import (
 from nlora.batching import Encoder
 from nlora.config import RunConfig
 from nlora.data import INSTRUCTIONS, Task, load_task, merged_instructions
+from nlora.distributed import (
+    evaluate_tasks,
+    is_main_process,
+    local_main_first,
+    make_accelerator,
+    on_main,
+)
 from nlora.errors import ConfigError, NloraError
-from nlora.evaluate import Prediction, predict
-from nlora.io import write_json_atomic, write_text_atomic
+from nlora.evaluate import Prediction
+from nlora.io import write_json_atomic
 from nlora.methods import get_method
 from nlora.methods.base import ContinualMethod
 from nlora.model import Backbone, load_backbone
 from nlora.presets import describe_presets
 from nlora.rundir import (
-    LOADS_ON,
     check_out_dir,
     collect_metrics,
     finished_tasks,
     open_run_dir,
+    record_adapter_base,
     software_versions,
     step_folders,
+    write_record,
     zero_shot_folder,
 )
 from nlora.scoring import is_correct, scored_form
@@ -101,57 +104,6 @@ def _tracker_config(config: RunConfig) -> dict[str, Any]:
     return out
 
 
-def is_main_process() -> bool:
-    """True in the process that prints and writes (rank 0; always true without a launcher)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def make_accelerator(
-    precision: str = "fp32", report_to: str | None = None, project_dir: Path | None = None
-) -> Accelerator:
-    """Accelerate for this run: its processes, device and mixed precision, checked.
-
-    Several processes on a machine without a GPU run on CPU (gloo). A launch whose
-    processes did not form one group, ``accelerate launch --cpu --num_processes N`` (which
-    starts a single process) and fp16 on CPU (which Accelerate silently runs in fp32) are
-    refused.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.cuda.is_available():
-        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
-    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
-    options = {"mixed_precision": mixed, "log_with": report_to, "project_dir": project_dir}
-    try:
-        accelerator = Accelerator(**options)
-    except ValueError as err:
-        if "already been initialized" not in str(err) or world > 1:
-            raise ConfigError(f"--precision {precision}: {err}") from None
-        AcceleratorState._reset_state()  # a second run in one process, at another precision
-        accelerator = Accelerator(**options)
-    if accelerator.num_processes != world:
-        raise ConfigError(
-            f"{world} processes were launched but Accelerate sees {accelerator.num_processes}; "
-            "on CPU set ACCELERATE_USE_CPU=true (docs: README, several processes)"
-        )
-    single_cpu_launch = (
-        world == 1 and "MASTER_ADDR" in os.environ
-        and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-        and not any(v in os.environ for v in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
-    )
-    if single_cpu_launch:
-        raise ConfigError(
-            "accelerate launch --cpu starts a single process whatever --num_processes says "
-            "(Accelerate runs several CPU processes only through MPI); start N processes with "
-            "torchrun --nproc_per_node N -m nlora.cli run ..."
-        )
-    if precision == "fp16" and accelerator.device.type == "cpu":
-        raise ConfigError(
-            "--precision fp16 needs a GPU (on CPU Accelerate would silently train in fp32); "
-            "use --precision bf16 or fp32"
-        )
-    return accelerator
-
-
 def load_tasks(config: RunConfig) -> list[Task]:
     """Read and validate every task before any training, so bad data fails up front."""
     instructions = merged_instructions(config.instructions)
@@ -192,17 +144,6 @@ def _log_data_notes(config: RunConfig, tasks: list[Task]) -> None:
             )
 
 
-def _eval_share(
-    encoder: Encoder, examples: list[Any], batch_size: int, rank: int, processes: int
-) -> list[int]:
-    """This process's test rows: whole length-sorted batches, dealt out in turn, so every row
-    is evaluated in the same batch (same padding, same neighbours) on any process count."""
-    lengths = [len(encoder.example_ids(ex)) for ex in examples]
-    order = sorted(range(len(examples)), key=lambda i: lengths[i], reverse=True)
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    return [i for batch in batches[rank::processes] for i in batch]
-
-
 # The zero-shot row is on by default when it adds at most this share of the run's work.
 ZERO_SHOT_MAX_SHARE = 0.25
 TRAIN_ROW_COST = 3.0  # a training row costs about three forward passes (forward + backward)
@@ -223,11 +164,11 @@ def zero_shot_plan(config: RunConfig, tasks: list[Task], joint: bool = False) ->
     tests = [len(t.test) for t in tasks]
     zero = sum(tests)
     if joint:
-        epochs = int(config.per_task("epochs", 0))
+        epochs = int(config.for_task(0).epochs)
         work = TRAIN_ROW_COST * epochs * sum(len(t.train) for t in tasks) + zero
     else:
         train = sum(
-            TRAIN_ROW_COST * int(config.per_task("epochs", j)) * len(t.train)
+            TRAIN_ROW_COST * int(config.for_task(j).epochs) * len(t.train)
             for j, t in enumerate(tasks)
         )
         evaluated = sum(
@@ -238,73 +179,6 @@ def zero_shot_plan(config: RunConfig, tasks: list[Task], joint: bool = False) ->
     why = f"adds ~{share:.0%} to the run's estimated work (default: at most " \
           f"{ZERO_SHOT_MAX_SHARE:.0%})"
     return share <= ZERO_SHOT_MAX_SHARE, why
-
-
-def evaluate_tasks(
-    model: torch.nn.Module,
-    method: Any,
-    encoder: Encoder,
-    tasks: list[Task],
-    indices: list[int],
-    accelerator: Accelerator,
-    batch_size: int,
-    mode: str = "generate",
-    prefix_cache: bool = True,
-) -> dict[int, list[Prediction]]:
-    """Predictions for each task in ``indices``; examples are split across processes."""
-    results = {}
-    for i in indices:
-        task = tasks[i]
-        eval_model = model if method is None else method.eval_model(model, i)  # None: as is
-        mine = _eval_share(encoder, task.test, batch_size, accelerator.process_index,
-                           accelerator.num_processes)
-        preds = predict(
-            eval_model, encoder, [task.test[k] for k in mine], task.labels, batch_size,
-            mode, desc=f"eval {task.dataset}", prefix_cache=prefix_cache,
-        )
-        preds = [Prediction(mine[p.index], p.prediction, p.label) for p in preds]
-        if accelerator.num_processes > 1:
-            preds = gather_object(preds)
-        results[i] = sorted(preds, key=lambda p: p.index)
-    return results
-
-
-def _on_main(accelerator: Accelerator, action: Callable[[], Any]) -> Any:
-    """Run ``action`` on the main process only; an error there stops every process."""
-    result, message = None, None
-    if accelerator.is_main_process:
-        try:
-            result = action()
-        except NloraError as err:
-            message = str(err)
-            if accelerator.num_processes == 1:
-                raise
-    if accelerator.num_processes > 1:
-        box = [message]
-        broadcast_object_list(box, from_process=0)
-        if box[0] is not None:
-            raise ConfigError(box[0])
-    return result
-
-
-def _local_main_first(accelerator: Accelerator, action: Callable[[], Any]) -> Any:
-    """``action`` on each machine's main process first (it may fill a cache), then on the
-    others; an error in any first one stops every process (none waits forever)."""
-    result, message = None, None
-    if accelerator.is_local_main_process:
-        try:
-            result = action()
-        except NloraError as err:
-            if accelerator.num_processes == 1:
-                raise
-            message = str(err)
-    if accelerator.num_processes > 1:
-        messages = [m for m in gather_object([message]) if m]
-        if messages:
-            raise ConfigError(messages[0])
-    if not accelerator.is_local_main_process:
-        result = action()
-    return result
 
 
 def run(config: RunConfig, out_dir: Path | str, report_to: str | None = None) -> dict[str, Any]:
@@ -329,14 +203,14 @@ def run(config: RunConfig, out_dir: Path | str, report_to: str | None = None) ->
         accelerator = make_accelerator(config.precision, report_to,
                                        out_dir if report_to else None)
         micro_batch_size(config.batch_size, config.grad_accum, accelerator.num_processes)
-        _on_main(accelerator, lambda: check_out_dir(config, out_dir))
+        on_main(accelerator, lambda: check_out_dir(config, out_dir))
         tasks = load_tasks(config)
-        backbone = _local_main_first(accelerator, lambda: load_backbone(config.model))
+        backbone = local_main_first(accelerator, lambda: load_backbone(config.model))
         encoder = Encoder(backbone.tokenizer, backbone.is_seq2seq, config.max_source_length,
                           config.truncation)
         method = get_method(config.method)(config, backbone.is_seq2seq)
         method.check(backbone.model)
-        lock = _on_main(accelerator, lambda: open_run_dir(config, out_dir))
+        lock = on_main(accelerator, lambda: open_run_dir(config, out_dir))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             handler = _attach_log_file(out_dir)
@@ -403,7 +277,8 @@ def _run(
         seed = config.seed_for_task(j)  # per task: resume reproduces an uninterrupted run
         set_seed(seed)
         label = "joint training" if joint else f"task {j + 1}/{len(tasks)} {task.dataset}"
-        learning_rate = float(config.per_task("learning_rate", j))
+        settings = config.for_task(j)  # per-task options at this task's values
+        learning_rate = float(settings.learning_rate)
         model = method.begin_task(model, j, task)
 
         def log_step(record: StepRecord, offset: int = global_step,
@@ -420,7 +295,7 @@ def _run(
             model, result = train_task(
                 model, method, j, method.train_examples(j, tasks), encoder, accelerator,
                 learning_rate=learning_rate,
-                epochs=int(config.per_task("epochs", j)),
+                epochs=int(config.for_task(j).epochs),
                 batch_size=config.batch_size,
                 weight_decay=config.weight_decay,
                 seed=seed,
@@ -428,10 +303,11 @@ def _run(
                 group_by_length=config.group_by_length,
                 grad_accum=config.grad_accum,
                 max_grad_norm=config.max_grad_norm or None,
+                precision=config.precision,
                 on_step=log_step,
             )
         except Diverged as err:
-            l1 = method.task_info(j).get("l1_lambda", config.per_task("l1_lambda", j))
+            l1 = method.task_info(j).get("l1_lambda", settings.l1_lambda)
             l1 = f"{l1:g}" if isinstance(l1, int | float) else l1  # or "auto", uncalibrated
             message = (
                 f"{label} diverged: {err}, with --lr {learning_rate:g} and --l1-lambda "
@@ -476,7 +352,7 @@ def _run(
                 "eval_seconds": round(eval_seconds, 2),
                 **({"method": chosen} if chosen else {}),
             }
-            _write_record(folder, lines, record)
+            write_record(folder, lines, record)
             method.task_recorded(j, folder)
             metrics = collect_metrics(out_dir, tasks, joint, config.eval_mode, config.scorer)
             write_json_atomic(out_dir / "metrics.json", metrics)
@@ -498,27 +374,6 @@ def _run(
 
 class TrainingDiverged(NloraError):
     """A task's loss diverged; the message names the run's λ and learning rate."""
-
-
-def record_adapter_base(
-    out_dir: Path, folder: Path, index: int, tasks: list[Task], config: RunConfig,
-    method: ContinualMethod,
-) -> None:
-    """Write ``adapter/loads_on.json``: what the task's adapter must be loaded on."""
-    adapter = folder / "adapter"
-    if not adapter.is_dir():
-        return
-    earlier = step_folders(out_dir, tasks, method.joint)[:index] if method.merges_earlier else []
-    write_json_atomic(adapter / LOADS_ON, {
-        "base_model": config.model,
-        "merge_first": [str((f / "adapter").relative_to(out_dir)) for f in earlier],
-        "method": config.method,
-        "task": index + 1,
-        "note": (
-            "load on the base model with the adapters of merge_first merged in order"
-            if earlier else "load on the base model"
-        ) + f"; or: nlora load RUN --task {index + 1}",
-    })
 
 
 class Judge:
@@ -557,13 +412,6 @@ class Judge:
         return record, lines
 
 
-def _write_record(folder: Path, lines: list[str], record: dict[str, Any]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(folder / "predictions.jsonl", "\n".join(lines) + "\n")
-    record = {**record, "versions": software_versions()}
-    write_json_atomic(folder / "done.json", record)  # last: marks the step finished
-
-
 def _zero_shot_step(
     config: RunConfig,
     out_dir: Path,
@@ -592,7 +440,7 @@ def _zero_shot_step(
         scores, lines = judge.score(tasks, predictions)
         record = {"task": "zero-shot", "index": 0, **scores,
                   "eval_seconds": round(time.perf_counter() - start, 2)}
-        _write_record(folder, lines, record)
+        write_record(folder, lines, record)
         log.info("zero-shot: %s", ", ".join(
             f"{t.dataset} {record['accuracy'][t.name]:.1f}" for t in tasks))
     accelerator.wait_for_everyone()

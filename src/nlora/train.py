@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from nlora.batching import IGNORE_INDEX, Encoder, LengthGroupedBatchSampler
@@ -124,6 +123,39 @@ class DivergenceGuard:
             raise Diverged(step, loss, task_loss, penalty)
 
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class MixedPrecision:
+    """``--precision`` with torch's own AMP, as Accelerate's mixed precision does it: the
+    forward under autocast (weights and optimiser state stay fp32) and, for fp16, a gradient
+    scaler. Kept out of Accelerate's process-wide state, so runs at different precisions
+    can follow each other in one process."""
+
+    def __init__(self, precision: str, device: torch.device) -> None:
+        self.dtype = AUTOCAST_DTYPES.get(precision)
+        self.device_type = device.type
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
+        """True gradients before clipping (fp16's are scaled)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            optimizer.step()
+        else:  # skips a step whose gradients overflowed, and adapts the scale
+            self.scaler.step(optimizer)
+            self.scaler.update()
+
+
 def train_task(
     model: torch.nn.Module,
     method: ContinualMethod,
@@ -141,6 +173,7 @@ def train_task(
     *,
     grad_accum: int = 1,
     max_grad_norm: float | None = None,
+    precision: str = "fp32",
     on_step: Callable[[StepRecord], None] | None = None,
 ) -> tuple[torch.nn.Module, TrainResult]:
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -164,6 +197,7 @@ def train_task(
     undo_dropout = use_row_keyed_dropout(model, rows)
     guard = DivergenceGuard(getattr(getattr(model, "config", None), "vocab_size", None))
     device = accelerator.device
+    amp = MixedPrecision(precision, device)
     model.train()
     start, losses, penalty_value, steps = time.perf_counter(), [], 0.0, 0
     total = epochs * -(-len(features) // batch_size)
@@ -177,7 +211,7 @@ def train_task(
                     rows.keys = [mix(seed, epoch, i) for i in part]
                     batch = method.collate_train([features[i] for i in part])
                     batch = {k: v.to(device) for k, v in batch.items()}
-                    with accelerator.autocast():
+                    with amp.autocast():
                         outputs = (
                             answer_head_forward(model, batch) if head_at_answers
                             else model(**batch)
@@ -189,15 +223,16 @@ def train_task(
                     if penalty is not None:
                         loss = loss + penalty * weight
                         sums[1] += (penalty.detach() * weight).double()
-                    accelerator.backward(loss)
+                    amp.backward(loss)
                 rows.keys = None
                 if world > 1:
                     _sum_over_processes(params, sums)
                 task_loss, penalty_value = sums.tolist()
                 guard.check(steps + 1, task_loss, penalty_value)
                 if max_grad_norm:
+                    amp.unscale(optimizer)
                     accelerator.clip_grad_norm_(params, max_grad_norm)
-                optimizer.step()
+                amp.step(optimizer)
                 method.after_step(model, index, optimizer)
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(task_loss)
@@ -248,40 +283,4 @@ def _buckets(params: list[torch.nn.Parameter]) -> Iterator[list[torch.nn.Paramet
         size += p.numel()
     if bucket:
         yield bucket
-
-
-class GlobalBatchSampler:
-    """``global_batches`` as a DataLoader batch sampler: epoch e on the e-th pass."""
-
-    def __init__(
-        self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool = True
-    ) -> None:
-        self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
-        self.group_by_length = group_by_length
-        self.drop_last = False  # read by Accelerate if it prepares the loader
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return -(-len(self.lengths) // self.batch_size)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        batches = global_batches(
-            self.lengths, self.batch_size, self.seed, self.epoch, self.group_by_length
-        )
-        self.epoch += 1
-        yield from batches
-
-
-def make_train_loader(
-    features: list[dict[str, list[int]]],
-    encoder: Encoder,
-    batch_size: int,
-    seed: int,
-    group_by_length: bool = True,
-    collate: Callable[[list[dict[str, list[int]]]], dict[str, torch.Tensor]] | None = None,
-) -> DataLoader:
-    """One process's view of the training batches, as ``train_task`` forms them (benches)."""
-    sampler = GlobalBatchSampler([len(f["input_ids"]) for f in features], batch_size, seed,
-                                 group_by_length)
-    return DataLoader(features, batch_sampler=sampler, collate_fn=collate or encoder.collate_train)
 

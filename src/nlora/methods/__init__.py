@@ -1,37 +1,26 @@
 """Continual-learning methods, each one small file behind ``ContinualMethod``.
 
-Adding a method: write ``methods/NAME.py`` with a ``ContinualMethod`` subclass and list it
-below. Their options and defaults are documented in docs/methods.md.
+Adding a method is adding one file: ``methods/NAME.py`` with a ``ContinualMethod`` subclass
+decorated with ``@register``, its options dataclass and its facts (docs/methods.md, "Adding a
+method"). Every module of this package is imported here, so a new file registers itself.
 """
 
 from __future__ import annotations
 
-from nlora.errors import ConfigError
-from nlora.methods.base import ContinualMethod
-from nlora.methods.ewc import EWC
-from nlora.methods.inclora import IncLoRA
-from nlora.methods.inflora import InfLoRA
-from nlora.methods.l2p import L2P
-from nlora.methods.lfpt5 import LFPT5
-from nlora.methods.lwf import LwF
-from nlora.methods.mtl import MTL
-from nlora.methods.nlora import NLoRA
-from nlora.methods.olora import OLoRA
-from nlora.methods.olora_nlora import OLoRANLoRA
-from nlora.methods.osf import OSF
-from nlora.methods.pertaskft import PerTaskFT
-from nlora.methods.progprompt import ProgPrompt
-from nlora.methods.replay import Replay
-from nlora.methods.seqft import SeqFT
-from nlora.methods.seqlora import SeqLoRA
+import importlib
+import pkgutil
 
-METHODS: dict[str, type[ContinualMethod]] = {
-    m.name: m
-    for m in [
-        NLoRA, OLoRA, OLoRANLoRA, IncLoRA, SeqLoRA, SeqFT, Replay, EWC, LwF, MTL, PerTaskFT,
-        L2P, LFPT5, ProgPrompt, OSF, InfLoRA,
-    ]
-}
+from nlora.errors import ConfigError
+from nlora.methods.base import METHODS, ContinualMethod
+
+# The paper's methods first (help and docs list them in registration order), then the rest.
+_FIRST = ("nlora", "olora", "olora_nlora", "inclora", "seqlora")
+for _module in sorted((m.name for m in pkgutil.iter_modules(__path__)),
+                      key=lambda name: (name not in _FIRST, _FIRST.index(name)
+                                        if name in _FIRST else 0, name)):
+    importlib.import_module(f"{__name__}.{_module}")
+
+__all__ = ["METHODS", "ContinualMethod", "get_method"]
 
 
 def get_method(name: str) -> type[ContinualMethod]:

@@ -10,23 +10,49 @@ instead of training again.
 
 A method with ``joint = True`` (multi-task learning) gets one step instead: index 0, trained
 on ``train_examples(0, tasks)``, then every task is evaluated once.
+
+A method registers itself with ``@register``: its name, its facts (class attributes below)
+and its own options (a dataclass of ``nlora.options.option`` fields, flattened into
+``RunConfig`` under the method's prefix) live in its one file; the ``--method`` choices, the
+presets, the demo and the docs read them from ``METHODS``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from transformers import PreTrainedModel
 
 from nlora.batching import Encoder
-from nlora.config import RunConfig
 from nlora.data import Example, Task
+
+if TYPE_CHECKING:  # RunConfig is assembled from the registered methods' options
+    from nlora.config import RunConfig
 
 
 class ContinualMethod:
     name: ClassVar[str]
+    title: ClassVar[str]  # as tables and docs print it, e.g. "N-LoRA"
+    summary: ClassVar[str]  # one line for --help and docs/methods.md
+    # the dataclass of this method's own options (nlora.options.option fields named with the
+    # method's prefix), or None; a subclass shares its parent's unless it declares its own
+    options: ClassVar[type | None] = None
+    # values that replace the task order's preset when the user gives none (e.g. full
+    # fine-tuning's learning rate); sources in docs/methods.md
+    defaults: ClassVar[dict[str, Any]] = {}
+    uses_l1: ClassVar[bool] = False  # the loss has N-LoRA's ℓ1 term (--l1-lambda applies)
+    # a fresh adapter per task whose ΔW can be made exactly sparse (--prox-lambda,
+    # --prune-density, --collision-free: docs/method.md, "Exact sparsity")
+    exact_sparsity: ClassVar[bool] = False
+    # Release facts, read from the class's own body only (``release_facts``: a subclass is
+    # another method, with a release of its own or none): which released scripts bring its
+    # schedule (nlora.release.SCRIPT_SETS), whether they do so under either protocol
+    # (baselines run as their authors ran them), and a note printed when they are used.
+    released_scripts: ClassVar[str | None] = None
+    own_schedule: ClassVar[bool] = False
+    release_note: ClassVar[str | None] = None
     joint: ClassVar[bool] = False  # True: one training phase on all tasks mixed
     per_task_model: ClassVar[bool] = False  # True: task i is answered by its own model
     # True: each task's saved adapter holds every update so far (one adapter trained on and
@@ -45,6 +71,12 @@ class ContinualMethod:
         self.is_seq2seq = is_seq2seq
         self.is_main_process = True  # only the main process writes files (set by the runner)
         self.encoder: Encoder | None = None  # set by the runner; for methods that batch data
+
+    @classmethod
+    def check_options(cls, config: RunConfig) -> None:
+        """Refuse combinations of this method's options that cannot run (ConfigError), before
+        anything runs; called for every registered method that defines it, whatever the
+        run's method (its options exist in every config)."""
 
     def check(self, model: PreTrainedModel) -> None:
         """Refuse options that do not fit ``model`` (e.g. no module to adapt), leaving the
@@ -108,3 +140,21 @@ def remove_superseded(previous: Path | None, current: Path, names: tuple[str, ..
         for name in names:
             (previous / name).unlink(missing_ok=True)
     return current
+
+
+def release_facts(method: type[ContinualMethod]) -> tuple[str | None, bool, str | None]:
+    """(released_scripts, own_schedule, release_note) as the method's own class sets them."""
+    own = vars(method)
+    return (own.get("released_scripts"), own.get("own_schedule", False),
+            own.get("release_note"))
+
+
+METHODS: dict[str, type[ContinualMethod]] = {}
+
+
+def register(cls: type[ContinualMethod]) -> type[ContinualMethod]:
+    """Class decorator: make a method selectable by its ``name``."""
+    if cls.name in METHODS:
+        raise ValueError(f"two methods are named {cls.name!r}")
+    METHODS[cls.name] = cls
+    return cls

@@ -11,6 +11,7 @@ the anchor is the restored weights.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,7 +21,9 @@ from transformers import PreTrainedModel
 
 from nlora.data import Task
 from nlora.io import write_file_atomic
+from nlora.methods.base import register
 from nlora.methods.seqft import WEIGHTS, SeqFT
+from nlora.options import option
 
 FISHER = "ewc_fisher.safetensors"
 
@@ -63,8 +66,17 @@ def ewc_penalty(
     return torch.stack(terms).sum()
 
 
+@dataclass
+class EWCOptions:
+    ewc_lambda: float = option(5000.0, "EWC penalty weight (our choice; the paper gives none)",
+                               "float", "EWC options", low=0)
+
+@register
 class EWC(SeqFT):
     name = "ewc"
+    title = "EWC"
+    summary = "full fine-tuning with a Fisher-weighted pull towards the earlier tasks' weights"
+    options = EWCOptions
     latest_only = (WEIGHTS, FISHER)
 
     def __init__(self, config, is_seq2seq: bool) -> None:

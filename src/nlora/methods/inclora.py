@@ -6,11 +6,19 @@ from __future__ import annotations
 
 import torch
 
+from nlora.methods.base import register
 from nlora.methods.nlora import NLoRA
 
 
+@register
 class IncLoRA(NLoRA):
     name = "inclora"
+    title = "IncLoRA"
+    summary = ("a fresh LoRA adapter per task, merged after it, no penalty (the N-LoRA loop at "
+               "λ = 0)")
+    uses_l1 = False
+    released_scripts = "o-lora-baseline"
+    own_schedule = True
     uses_l1 = False
 
     def penalty(self, model, index, batch, outputs) -> torch.Tensor | None:

@@ -30,6 +30,7 @@ Only B is trained, so the update stays outside M for any optimizer. M is saved p
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,9 +40,10 @@ from transformers import PreTrainedModel
 from nlora.adapters import lora_factors, save_adapter
 from nlora.data import Example, Task
 from nlora.io import write_file_atomic
-from nlora.methods.base import remove_superseded
+from nlora.methods.base import register, remove_superseded
 from nlora.methods.inclora import IncLoRA
 from nlora.methods.olora import module_key
+from nlora.options import option
 
 MEMORY = "inflora_memory.safetensors"
 SCALE = 1 / math.sqrt(3)  # row norm of A in both released codes
@@ -159,8 +161,28 @@ def input_covariances(
     return {name: (sums[name] / max(counts[name], 1)).cpu() for name in modules}
 
 
+INFLORA_VARIANTS = ("paper", "released")
+GROUP = "InfLoRA options"
+
+
+@dataclass
+class InfLoRAOptions:
+    inflora_threshold: float = option(0.995, "InfLoRA base energy threshold ε of the "
+                                      "input-subspace memory (InfLoRA T5 scripts)", "float",
+                                      GROUP, low=0, low_open=True, high=1)
+    inflora_variant: str = option("paper", "InfLoRA: 'paper' designs A from the projected "
+                                  "new-task inputs; 'released' is the public T5 code (random A "
+                                  "projected)", "str", GROUP, choices=INFLORA_VARIANTS)
+
+@register
 class InfLoRA(IncLoRA):
     name = "inflora"
+    title = "InfLoRA"
+    summary = ("interference-free LoRA: each task's A designed outside the earlier tasks' input "
+               "subspace")
+    options = InfLoRAOptions
+    exact_sparsity = False
+    defaults = {"learning_rate": 3e-4}  # InfLoRA T5 scripts (GainLoRA release)
     latest_only = (MEMORY,)
 
     def __init__(self, config, is_seq2seq: bool) -> None:

@@ -20,6 +20,7 @@ loads the latest.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,9 +29,11 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
 from nlora.data import Task
+from nlora.errors import ConfigError
 from nlora.io import write_file_atomic
-from nlora.methods.base import ContinualMethod
+from nlora.methods.base import ContinualMethod, register
 from nlora.methods.prompting import PromptedModel, new_prompt
+from nlora.options import option
 
 POOL = "l2p_pool.safetensors"
 
@@ -86,8 +89,32 @@ class PromptPool(PromptedModel):
         return prompts[chosen].flatten(1, 2)  # (batch, N · L_p, dim), best match first
 
 
+GROUP = "L2P options (Wang et al., 2022)"
+
+
+@dataclass
+class L2POptions:
+    l2p_pool_size: int = option(10, "L2P prompt pool size M", "int", GROUP, low=1, high=4096)
+    l2p_prompt_length: int = option(5, "L2P length of each pool prompt", "int", GROUP, low=1,
+                                    high=4096)
+    l2p_top_k: int = option(5, "L2P prompts chosen per input by key match", "int", GROUP,
+                            low=1, high=4096)
+    l2p_key_weight: float = option(1.0, "L2P weight of the key-query pull term (released "
+                                   "config)", "float", GROUP, low=0)
+
+@register
 class L2P(ContinualMethod):
     name = "l2p"
+    title = "L2P"
+    summary = "a pool of soft prompts chosen per input by key match (Learning to Prompt)"
+    options = L2POptions
+    defaults = {"learning_rate": 0.03}  # L2P released config (Adam)
+
+    @classmethod
+    def check_options(cls, config) -> None:
+        if config.l2p_top_k > config.l2p_pool_size:
+            raise ConfigError(f"--l2p-top-k ({config.l2p_top_k}) cannot exceed --l2p-pool-size "
+                              f"({config.l2p_pool_size})")
 
     def _wrap(self, model) -> PromptPool:
         if isinstance(model, PromptPool):

@@ -44,7 +44,7 @@ from transformers import PreTrainedModel
 from nlora.data import Example, Task, build_prompt
 from nlora.io import write_text_atomic
 from nlora.loss import AnswerOutputs
-from nlora.methods.base import ContinualMethod
+from nlora.methods.base import ContinualMethod, register
 from nlora.methods.lwf import answer_logits, kl_at_temperature
 from nlora.methods.prompting import (
     PromptedModel,
@@ -53,6 +53,7 @@ from nlora.methods.prompting import (
     prompt_weight,
     save_prompt_adapter,
 )
+from nlora.options import option
 
 ANSWER = "__ans__"  # LFPT5's separator between a generated sample and its label
 SAMPLE_TOKENS = 128  # longest generated/learned sentence, in tokens (LFPT5's max_length)
@@ -118,8 +119,28 @@ class SharedPrompt(PromptedModel):
         return super().forward(**kwargs)
 
 
+GROUP = "LFPT5 options (LFPT5 code)"
+
+
+@dataclass
+class LFPT5Options:
+    lfpt5_prompt_length: int = option(300, "LFPT5 soft prompt length", "int", GROUP, low=1,
+                                      high=4096)
+    lfpt5_lm_weight: float = option(0.25, "LFPT5 weight of the pseudo-sample generation loss",
+                                    "float", GROUP, low=0)
+    lfpt5_kd_weight: float = option(0.01, "LFPT5 weight of the distillation term", "float",
+                                    GROUP, low=0)
+    lfpt5_pseudo_per_label: int = option(2, "LFPT5 pseudo samples replayed per label of each "
+                                         "earlier task", "int", GROUP, low=1, high=2**20)
+
+@register
 class LFPT5(ContinualMethod):
     name = "lfpt5"
+    title = "LFPT5"
+    summary = ("one shared soft prompt that also generates pseudo samples of earlier tasks for "
+               "replay")
+    options = LFPT5Options
+    defaults = {"learning_rate": 0.5}  # LFPT5 code (Adafactor there)
 
     def __init__(self, config, is_seq2seq: bool) -> None:
         super().__init__(config, is_seq2seq)

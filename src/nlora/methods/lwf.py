@@ -10,6 +10,7 @@ rebuilt from the restored weights on resume, so nothing extra is saved.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,7 +20,9 @@ from transformers import PreTrainedModel
 from nlora.batching import IGNORE_INDEX
 from nlora.data import Task
 from nlora.loss import AnswerOutputs, answer_head_forward
+from nlora.methods.base import register
 from nlora.methods.seqft import SeqFT
+from nlora.options import option
 
 
 def answer_logits(logits: torch.Tensor, labels: torch.Tensor, is_seq2seq: bool) -> torch.Tensor:
@@ -52,8 +55,19 @@ def kl_at_temperature(student: torch.Tensor, teacher: torch.Tensor, temperature:
     return kl * temperature**2  # keeps the gradient scale independent of T (Hinton et al.)
 
 
+@dataclass
+class LwFOptions:
+    lwf_alpha: float = option(1.0, "LwF distillation weight (Li and Hoiem, 2017)", "float",
+                              "LwF options", low=0)
+    lwf_temperature: float = option(2.0, "LwF distillation temperature (Li and Hoiem, 2017)",
+                                    "float", "LwF options", low=0, low_open=True)
+
+@register
 class LwF(SeqFT):
     name = "lwf"
+    title = "LwF"
+    summary = "full fine-tuning with distillation from the model before the task"
+    options = LwFOptions
 
     def __init__(self, config, is_seq2seq: bool) -> None:
         super().__init__(config, is_seq2seq)

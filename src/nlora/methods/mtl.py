@@ -5,11 +5,16 @@ column; F.Ra and BWT are undefined). Per-task options (lr, epochs) take the firs
 from __future__ import annotations
 
 from nlora.data import Example, Task
+from nlora.methods.base import register
 from nlora.methods.inclora import IncLoRA
 
 
+@register
 class MTL(IncLoRA):
     name = "mtl"
+    title = "MTL"
+    summary = "one LoRA adapter trained once on every task mixed (the upper bound)"
+    exact_sparsity = False
     joint = True
 
     def train_examples(self, index: int, tasks: list[Task]) -> list[Example]:

@@ -12,6 +12,7 @@ loss = task loss + λ_t · Σ_modules ‖scaling · B·A‖₁. After the task i
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,11 @@ from nlora.adapters import (
     module_key,
     save_adapter,
 )
-from nlora.config import L1_AUTO
 from nlora.data import Task
 from nlora.errors import ConfigError
 from nlora.l1 import l1_of_product
-from nlora.methods.base import ContinualMethod
+from nlora.methods.base import METHODS, ContinualMethod, register
+from nlora.options import option
 from nlora.param_metrics import SparseUpdate
 from nlora.sparse import (
     SPARSE_DELTA_FILE,
@@ -48,6 +49,43 @@ from nlora.sparse import (
 )
 
 log = logging.getLogger("nlora")
+
+# Default sparsity weight of the ΔW-form penalty (sum of |entries| of scaling·B·A over all
+# adapted modules). Chosen from the sweep recorded in docs/method.md.
+DEFAULT_L1_LAMBDA = 1e-4
+L1_AUTO = "auto"  # --l1-lambda auto: λ calibrated at the start of each task
+# Where the ℓ1 penalty goes (paper Fig. 6 ablations, plus the released code's r x r form).
+L1_PLACEMENTS = ("deltaw", "a", "b", "a+b", "reference")
+GROUP = "N-LoRA sparsity (nlora, olora+nlora; exact zeros also inclora)"
+
+
+@dataclass
+class NLoRAOptions:
+    l1_lambda: float | list[float] | str = option(
+        DEFAULT_L1_LAMBDA, "ℓ1 weight, one value or one per task (scaled by the order's paper "
+        "λ when not given), or 'auto': calibrated per task so that λ·‖ΔW‖₁ = --l1-auto-ratio "
+        "× task loss after --l1-auto-steps steps", "float", GROUP, low=0, per_task=True,
+        words=(L1_AUTO,))
+    l1_on: str = option("deltaw", "where the ℓ1 penalty goes: ΔW (N-LoRA), A, B, A and B "
+                        "separately, or the public code's r x r lora_A @ lora_B (square "
+                        "modules)", "str", GROUP, choices=L1_PLACEMENTS)
+    # --l1-lambda auto: after l1_auto_steps optimiser steps without penalty, λ is set so that
+    # λ·‖ΔW‖₁ = l1_auto_ratio × the mean task loss of those steps (docs/method.md)
+    l1_auto_ratio: float = option(1.0, "--l1-lambda auto: penalty / task loss", "float", GROUP,
+                                  low=0, low_open=True)
+    l1_auto_steps: int = option(5, "--l1-lambda auto: optimiser steps without penalty before "
+                                "λ is chosen", "int", GROUP, low=1, high=2**20)
+    # Exact sparsity (docs/method.md, "Exact sparsity")
+    prox_lambda: float = option(0.0, "exact zeros by a proximal step: after every optimiser "
+                                "step shrink each entry of A and B towards 0 by lr × this "
+                                "(0: off)", "float", GROUP, low=0)
+    prune_density: float | None = option(
+        None, "exact zeros by pruning: at the end of each task keep this share of each "
+        "module's ΔW entries, the largest; saved as a sparse delta (default: no pruning)",
+        "float", GROUP, low=0, low_open=True, high=1, nullable=True)
+    collision_free: bool = option(False, "a task never writes a weight an earlier task wrote "
+                                  "(mask from their exact supports; needs --prune-density or "
+                                  "--prox-lambda)", "bool", GROUP)
 
 
 def _term(f: LoraFactors, l1_on: str) -> torch.Tensor:
@@ -81,10 +119,29 @@ def check_reference_shapes(model: torch.nn.Module) -> None:
             )
 
 
+@register
 class NLoRA(ContinualMethod):
     name = "nlora"
+    title = "N-LoRA"
+    summary = "a fresh LoRA adapter per task with an ℓ1 penalty on ΔW, merged after the task"
+    options = NLoRAOptions
     merges_earlier = True
-    uses_l1 = True  # whether --l1-lambda (and its "auto") applies
+    uses_l1 = True
+    exact_sparsity = True
+    released_scripts = "n-lora"
+
+    @classmethod
+    def check_options(cls, config) -> None:
+        given = [flag for flag, on in (("--prox-lambda", config.prox_lambda),
+                                       ("--prune-density", config.prune_density is not None),
+                                       ("--collision-free", config.collision_free)) if on]
+        sparse = [name for name, method in METHODS.items() if method.exact_sparsity]
+        if given and not METHODS[config.method].exact_sparsity:
+            raise ConfigError(f"{', '.join(given)} apply to --method {' or '.join(sparse)}"
+                              f", not {config.method}")
+        if config.collision_free and config.prune_density is None and not config.prox_lambda:
+            raise ConfigError("--collision-free needs exact zeros, or the first task fills every "
+                              "position: add --prune-density or --prox-lambda")
 
     def __init__(self, config, is_seq2seq: bool) -> None:
         super().__init__(config, is_seq2seq)
@@ -106,7 +163,7 @@ class NLoRA(ContinualMethod):
                       check_reference_shapes if reference else None)
 
     def begin_task(self, model: PreTrainedModel, index: int, task: Task) -> torch.nn.Module:
-        value = self.config.per_task("l1_lambda", index)
+        value = self.config.for_task(index).l1_lambda
         self.l1_auto = value == L1_AUTO and self.uses_l1
         self.l1_lambda = 0.0 if value == L1_AUTO else float(value)
         self.steps, self.auto_losses = 0, []
@@ -169,7 +226,7 @@ class NLoRA(ContinualMethod):
 
     def task_info(self, index: int) -> dict[str, Any]:
         info = dict(self.info.get(index, {}))
-        if self.uses_l1 and self.config.per_task("l1_lambda", index) == L1_AUTO:
+        if self.uses_l1 and self.config.for_task(index).l1_lambda == L1_AUTO:
             if "l1_lambda" not in info:  # the task ended before calibration
                 info["l1_lambda"] = 0.0
                 info["l1_auto"] = f"not calibrated: the task had only {self.steps} steps"

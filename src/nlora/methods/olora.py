@@ -22,6 +22,7 @@ them from the safetensors file.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,7 +32,9 @@ from transformers import PreTrainedModel
 from nlora.adapters import lora_factors
 from nlora.data import Task
 from nlora.errors import ConfigError
+from nlora.methods.base import register
 from nlora.methods.nlora import NLoRA
+from nlora.options import option
 
 
 def module_key(name: str) -> str:
@@ -65,8 +68,37 @@ def l2_penalty(model: torch.nn.Module, form: str = "norm") -> torch.Tensor:
     return torch.stack([t.pow(2).sum() for t in tensors]).sum()
 
 
+OLORA_ORTH_FORMS = ("abs", "fro")  # O-LoRA's Σ|A_i A_tᵀ| as released, or eq. 1's ‖A_iᵀA_t‖²_F
+OLORA_L2_FORMS = ("norm", "squared")  # Σ‖θ‖₂ per tensor as released, or ‖θ‖²
+GROUP = "O-LoRA options (olora, olora+nlora)"
+
+
+@dataclass
+class OLoRAOptions:
+    olora_lambda1: float | list[float] = option(
+        0.5, "O-LoRA orthogonality weight λ₁, one or one per task (O-LoRA's scripts set it per "
+        "order)", "float", GROUP, low=0, per_task=True)
+    olora_lambda2: float | list[float] = option(
+        0.0, "O-LoRA ℓ2 weight λ₂ on the new adapter, one or one per task (O-LoRA's scripts)",
+        "float", GROUP, low=0, per_task=True)
+    olora_orth: str = option("abs", "O-LoRA orthogonality term: sum of |entries| of A_i A_tᵀ as "
+                             "released (abs) or the paper's squared Frobenius norm (fro)", "str",
+                             GROUP, choices=OLORA_ORTH_FORMS)
+    olora_l2: str = option("norm", "O-LoRA ℓ2 term: sum of each new tensor's ℓ2 norm as "
+                           "released (norm) or of its squared entries (squared)", "str", GROUP,
+                           choices=OLORA_L2_FORMS)
+
+@register
 class OLoRA(NLoRA):
     name = "olora"
+    title = "O-LoRA"
+    summary = ("a fresh adapter per task kept orthogonal to the earlier tasks' adapters (O-LoRA "
+               "as released)")
+    options = OLoRAOptions
+    uses_l1 = False
+    exact_sparsity = False
+    released_scripts = "o-lora"
+    own_schedule = True
     uses_l1 = False
 
     def __init__(self, config, is_seq2seq: bool) -> None:
@@ -74,8 +106,8 @@ class OLoRA(NLoRA):
         self.previous_A: dict[str, list[torch.Tensor]] = {}  # module -> earlier tasks' A
 
     def penalty(self, model, index, batch, outputs) -> torch.Tensor | None:
-        lambda1 = float(self.config.per_task("olora_lambda1", index))
-        lambda2 = float(self.config.per_task("olora_lambda2", index))
+        settings = self.config.for_task(index)
+        lambda1, lambda2 = float(settings.olora_lambda1), float(settings.olora_lambda2)
         loss = lambda1 * orthogonality_penalty(model, self.previous_A, self.config.olora_orth)
         if lambda2:
             loss = loss + lambda2 * l2_penalty(model, self.config.olora_l2)

@@ -29,6 +29,7 @@ a factorisation, not a learned input subspace).
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +41,9 @@ from transformers import PreTrainedModel
 
 from nlora.adapters import load_and_merge, merge, save_adapter
 from nlora.data import Task
-from nlora.methods.base import ContinualMethod
+from nlora.methods.base import ContinualMethod, register
 from nlora.methods.olora import module_key
+from nlora.options import option
 
 ADAPTER = "default"
 
@@ -108,8 +110,29 @@ def update_factors(layer: OSFLayer) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.eye(out_features, dtype=delta.dtype, device=delta.device), delta  # I_out @ ΔW
 
 
+OSF_PROJECTIONS = ("parameter", "gradient")
+GROUP = "OSF options (orthogonal subspace fine-tuning)"
+
+
+@dataclass
+class OSFOptions:
+    osf_preserve: list[float] | None = option(
+        None, "OSF share of each weight's singular directions preserved, one per task "
+        "(default: task t of T preserves t/T, at least one direction)", "floats", GROUP, low=0,
+        high=1, high_open=True, per_task=True, nullable=True)
+    osf_projection: str = option("parameter", "OSF: 'parameter' keeps every update outside the "
+                                 "preserved subspace (paper); 'gradient' only projects "
+                                 "gradients, as PEFT's tuner alone does", "str", GROUP,
+                                 choices=OSF_PROJECTIONS)
+
+@register
 class OSF(ContinualMethod):
     name = "osf"
+    title = "OSF"
+    summary = ("full-rank updates kept outside each weight's preserved singular directions "
+               "(PEFT's OSF)")
+    options = OSFOptions
+    defaults = {"learning_rate": 1e-5}  # PEFT OSF docs: 1e-5 to 1e-4
     undefined_metrics = ("OO",)
 
     def begin_task(self, model: PreTrainedModel, index: int, task: Task) -> torch.nn.Module:

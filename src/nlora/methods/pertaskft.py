@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 
 from nlora.adapters import check_adapter, lora_config, save_adapter
 from nlora.data import Task
-from nlora.methods.base import ContinualMethod
+from nlora.methods.base import ContinualMethod, register
 
 
 def adapter_name(index: int) -> str:
@@ -31,8 +31,12 @@ def activate(model: PeftModel, index: int) -> None:
         param.requires_grad = f".{name}." in param_name
 
 
+@register
 class PerTaskFT(ContinualMethod):
     name = "pertaskft"
+    title = "PerTaskFT"
+    summary = ("a separate LoRA adapter per task, each answering its own task (no transfer, no "
+               "forgetting)")
     per_task_model = True
 
     def check(self, model: PreTrainedModel) -> None:

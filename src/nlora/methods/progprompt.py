@@ -15,13 +15,14 @@ takes P_t, its first rows, back from there.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel
 
 from nlora.data import Task
-from nlora.methods.base import ContinualMethod
+from nlora.methods.base import ContinualMethod, register
 from nlora.methods.prompting import (
     PromptedModel,
     load_prompt_adapter,
@@ -29,6 +30,7 @@ from nlora.methods.prompting import (
     prompt_weight,
     save_prompt_adapter,
 )
+from nlora.options import option
 
 
 class ProgressivePrompts(PromptedModel):
@@ -46,8 +48,19 @@ class ProgressivePrompts(PromptedModel):
         return prompt.unsqueeze(0).expand(input_ids.shape[0], -1, -1)
 
 
+@dataclass
+class ProgPromptOptions:
+    progprompt_length: int = option(10, "ProgPrompt soft prompt length per task (T5 code)",
+                                    "int", "ProgPrompt options", low=1, high=4096)
+
+@register
 class ProgPrompt(ContinualMethod):
     name = "progprompt"
+    title = "ProgPrompt"
+    summary = ("a new soft prompt per task, concatenated with the frozen earlier ones "
+               "(Progressive Prompts)")
+    options = ProgPromptOptions
+    defaults = {"learning_rate": 0.3}  # ProgPrompt T5 code (AdamW)
 
     def _wrap(self, model) -> ProgressivePrompts:
         return model if isinstance(model, ProgressivePrompts) else ProgressivePrompts(

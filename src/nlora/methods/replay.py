@@ -6,9 +6,12 @@ every later task and after a resume."""
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 from nlora.data import Example, Task
+from nlora.methods.base import register
 from nlora.methods.seqft import SeqFT
+from nlora.options import option
 
 
 def buffer_size(config_fraction: float, n_train: int) -> int:
@@ -22,8 +25,18 @@ def memory(task: Task, index: int, fraction: float, seed: int) -> list[Example]:
     return rng.sample(task.train, buffer_size(fraction, len(task.train)))
 
 
+@dataclass
+class ReplayOptions:
+    replay_fraction: float = option(0.02, "replay: share of each earlier task's training set "
+                                    "mixed into each later task", "float",
+                                    "replay options", low=0, low_open=True, high=1)
+
+@register
 class Replay(SeqFT):
     name = "replay"
+    title = "Replay"
+    summary = "full fine-tuning with a share of every earlier task's training rows replayed"
+    options = ReplayOptions
 
     def train_examples(self, index: int, tasks: list[Task]) -> list[Example]:
         replayed = [

@@ -16,13 +16,18 @@ from transformers import PreTrainedModel
 
 from nlora.data import Task
 from nlora.io import write_file_atomic
-from nlora.methods.base import ContinualMethod, remove_superseded
+from nlora.methods.base import ContinualMethod, register, remove_superseded
 
 WEIGHTS = "model.safetensors"
 
 
+@register
 class SeqFT(ContinualMethod):
     name = "seqft"
+    title = "SeqFT"
+    summary = "full fine-tuning on task after task"
+    defaults = {"learning_rate": 1e-5}  # a LoRA rate (1e-3) destroys a pretrained model
+    released_scripts = "seqft"
     keeps_every_task = False  # one model's worth of disk: the latest task's weights
     # files of a task folder that only the latest task needs (deleted for earlier tasks)
     latest_only: tuple[str, ...] = (WEIGHTS,)

@@ -13,11 +13,16 @@ from transformers import PreTrainedModel
 
 from nlora.adapters import add_adapter, check_adapter, save_adapter
 from nlora.data import Task
-from nlora.methods.base import ContinualMethod
+from nlora.methods.base import ContinualMethod, register
 
 
+@register
 class SeqLoRA(ContinualMethod):
     name = "seqlora"
+    title = "SeqLoRA"
+    summary = "one LoRA adapter trained on task after task, never reset (the forgetting baseline)"
+    released_scripts = "o-lora-baseline"
+    own_schedule = True
     cumulative_adapter = True
 
     def check(self, model: PreTrainedModel) -> None:
