@@ -382,7 +382,8 @@ def test_bad_new_method_options_fail_with_one_line(data_dir, tmp_path, capsys):
     cases = [
         (["--method", "l2p", "--l2p-top-k", "6", "--l2p-pool-size", "5"], "--l2p-top-k (6)"),
         (["--method", "osf", "--osf-preserve", "0.2"], "--osf-preserve lists 1 values for 2"),
-        (["--method", "osf", "--osf-preserve", "0.2,1.5"], "--osf-preserve values"),
+        (["--method", "osf", "--osf-preserve", "0.2,1.5"],
+         "--osf-preserve must be a finite number >= 0 and < 1, got 1.5"),
         (["--method", "inflora", "--inflora-threshold", "0"], "--inflora-threshold"),
         (["--method", "lfpt5", "--lfpt5-prompt-length", "0"], "--lfpt5-prompt-length"),
     ]

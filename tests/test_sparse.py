@@ -381,11 +381,12 @@ def test_auto_lambda_sets_the_penalty_to_ratio_times_task_loss(tokenizer):
 
 @pytest.mark.parametrize("options, message", [
     (dict(collision_free=True), "needs exact zeros"),
-    (dict(prune_density=0.0), "--prune-density must be in"),
-    (dict(prune_density=1.5), "--prune-density must be in"),
+    (dict(prune_density=0.0), "--prune-density must be a finite number > 0 and <= 1, got 0.0"),
+    (dict(prune_density=1.5), "--prune-density must be a finite number > 0 and <= 1, got 1.5"),
     (dict(prox_lambda=-1.0), "--prox-lambda must be"),
     (dict(prune_density=0.1, method="olora"), "apply to --method nlora or inclora"),
-    (dict(l1_lambda="often"), "numbers or 'auto'"),
+    (dict(l1_lambda="often"), "--l1-lambda must be a number or a list of them, one per task or "
+     "'auto', got 'often'"),
     (dict(l1_lambda="auto", l1_auto_steps=0), "--l1-auto-steps"),
 ])
 def test_bad_sparsity_options_are_refused(options, message):
