@@ -365,8 +365,9 @@ def test_auto_lambda_sets_the_penalty_to_ratio_times_task_loss(tokenizer):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     optimizer = SimpleNamespace(param_groups=[{"lr": 1e-3}])
     losses = [2.0, 1.0, 0.6]
-    for loss in losses:
+    for loss in losses:  # the training loop reports each step's loss, then steps
         assert method.penalty(model, 0, None, SimpleNamespace(loss=torch.tensor(loss))) is None
+        method.observe_step(0, loss)
         method.after_step(model, 0, optimizer)
     params = dict(model.named_parameters())
     l1 = sum(float((2.0 * params[n.replace("lora_A", "lora_B")] @ p).detach().abs().sum())

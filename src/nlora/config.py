@@ -140,6 +140,13 @@ class RunConfig:
     grad_accum: int = 1
     max_grad_norm: float | None = 1.0  # gradient-norm clipping as the released scripts; None: off
     precision: str = "fp32"  # fp32 | bf16 | fp16, through Accelerate's mixed precision
+    # The step's loss as the mean of this many parts' mean losses (the releases' GPUs x
+    # accumulation steps, each averaging its own rows); 1: every answer token of the global
+    # batch weighs the same (paper; the result does not depend on the process count).
+    loss_parts: int = 1
+    # Each task's first optimiser steps at learning rate 0 (Adam's moments still take their
+    # gradients): the releases' DeepSpeed WarmupLR does this for 2 steps; 0: none (paper).
+    zero_lr_steps: int = 0
     # Over-long prompts: "text" shortens the example's own text so the header, instruction,
     # options and "Answer:" stay; "head" keeps the first max_source_length tokens (as the
     # released code); "tail" keeps the last ones.
@@ -242,6 +249,11 @@ class RunConfig:
                    self.instructions.items()):
             raise ConfigError("instructions must map category names to instruction strings")
         _whole("--grad-accum", self.grad_accum, 1)
+        _whole("--loss-parts", self.loss_parts, 1)
+        if self.batch_size % self.loss_parts:
+            raise ConfigError(f"--loss-parts {self.loss_parts} does not divide --batch-size "
+                              f"{self.batch_size} into equal parts")
+        _whole("--zero-lr-steps", self.zero_lr_steps, 0)
         if self.max_grad_norm is not None:
             _check("--max-grad-norm", self.max_grad_norm, low=0)
         if self.precision not in PRECISIONS:

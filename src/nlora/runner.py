@@ -429,6 +429,8 @@ def _run(
                 grad_accum=config.grad_accum,
                 max_grad_norm=config.max_grad_norm or None,
                 on_step=log_step,
+                loss_parts=config.loss_parts,
+                zero_lr_steps=config.zero_lr_steps,
             )
         except Diverged as err:
             l1 = method.task_info(j).get("l1_lambda", config.per_task("l1_lambda", j))

@@ -192,6 +192,15 @@ def add_run_arguments(parser: argparse.ArgumentParser, with_method: bool = True)
                      f"(default {D.grad_accum})")
     opt.add_argument("--max-grad-norm", type=float,
                      help=f"clip the gradient norm (default {D.max_grad_norm}; 0: off)")
+    opt.add_argument("--loss-parts", type=int,
+                     help="the step's loss as the mean of N equal parts' mean losses, as the "
+                     "released code averages its GPUs' and micro-batches' means (release: the "
+                     f"script's GPUs x accumulation steps; default {D.loss_parts}: every answer "
+                     "token of the global batch weighs the same)")
+    opt.add_argument("--zero-lr-steps", type=int,
+                     help="each task's first N optimiser steps at learning rate 0, Adam's "
+                     "moments still taking their gradients (release: 2, the releases' "
+                     f"DeepSpeed WarmupLR; default {D.zero_lr_steps})")
     opt.add_argument("--precision", choices=PRECISIONS,
                      help=f"training precision through Accelerate (default {D.precision})")
     opt.add_argument("--truncation", choices=TRUNCATIONS,
