@@ -156,6 +156,19 @@ def test_row_keyed_dropout_follows_the_row_not_the_batch():
     assert torch.equal(drop.eval()(x), x)
 
 
+def test_row_keyed_dropout_refuses_rows_it_was_not_told_about():
+    """No silent plain dropout (whose masks would depend on the process count): a training
+    forward without announced rows, or with another number of rows, is an error."""
+    rows = RowKeys(length=12)
+    drop = RowKeyedDropout(0.25, ordinal=3, rows=rows).train()
+    with pytest.raises(RuntimeError, match=r"dropout #3 got a batch of shape \(2, 5, 8\) but "
+                       r"the training loop announced no rows"):
+        drop(torch.ones(2, 5, 8))
+    rows.keys = [1, 2, 3]
+    with pytest.raises(RuntimeError, match="announced 3 rows"):
+        drop(torch.ones(2, 5, 8))
+
+
 def test_lambda_that_explodes_stops_the_task_naming_lambda_and_lr(
     tiny_llama_dir, data_dir, tmp_path, capsys
 ):

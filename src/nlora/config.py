@@ -322,9 +322,19 @@ class RunConfig:
 
     @classmethod
     def from_yaml(cls, path: Path) -> RunConfig:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        """A run folder's config.yaml; unreadable, not a mapping, or with unknown keys: a
+        ConfigError naming it."""
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as err:
+            why = "nested too deeply" if isinstance(err, RecursionError) else \
+                str(err).strip().splitlines()[0]
+            raise ConfigError(f"{path} is damaged ({why})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} is damaged (a YAML {type(data).__name__}, not a mapping "
+                              "of option: value)")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
+        unknown = {str(k) for k in data} - known
         if unknown:
             raise ConfigError(f"{path}: unknown keys {', '.join(sorted(unknown))}")
         return cls(**data)
