@@ -307,6 +307,7 @@ def test_collision_free_tasks_never_share_a_position(tiny_llama_dir, data_dir, t
     _check_reload(tiny_llama_dir, data_dir, run)
 
 
+@pytest.mark.slow  # end to end: make test (the fast tier) skips it
 @pytest.mark.parametrize("extra", [
     ("--prune-density", "0.2", "--collision-free", "--l1-lambda", "auto", "--l1-auto-steps",
      "2"),
