@@ -6,7 +6,7 @@ DATA   ?=
 DEMO_OUT ?= runs/demo
 FAST   := -m "not slow"
 
-.PHONY: setup demo test test-fast test-newest test-lowest lock lint clean
+.PHONY: setup demo test test-fast test-slow test-all test-newest test-lowest lock lint clean
 
 setup: $(VENV)/.installed
 
@@ -24,12 +24,19 @@ demo: setup
 	rm -rf $(DEMO_OUT)
 	$(BIN)/nlora demo --out $(DEMO_OUT) $(if $(DATA),--data $(DATA))
 
+# The fast tier: every test not marked slow (under 10 minutes on 2 cores).
 test: setup
-	$(BIN)/python -m pytest
-
-# Without the end-to-end tests marked slow.
-test-fast: setup
 	$(BIN)/python -m pytest $(FAST)
+
+test-fast: test
+
+# The end-to-end tier: kill -9 and resumes, every method on T5, several processes.
+test-slow: setup
+	$(BIN)/python -m pytest -m slow
+
+# Both tiers (CI runs them as two steps).
+test-all: setup
+	$(BIN)/python -m pytest
 
 # The two ends of every range in pyproject.toml, each in a fresh virtualenv of its own, with
 # the fast tests: an upstream release that breaks nlora fails here, by name, before a user's

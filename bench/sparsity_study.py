@@ -256,8 +256,9 @@ def markdown(study: dict[str, Any]) -> str:
         f"{cfg['common']['test_per_task']} test rows per task; seeds {cfg['seeds']}; "
         f"model {cfg['model']}. Mean ± 95 % CI (t-distribution) over seeds. AA, F.Ra, BWT "
         "in %. Density and ACR at exactly zero (|x| > 0) and at 1 % of each matrix's max; OO "
-        "is – for updates saved as sparse deltas (not LoRA factors). SeqLoRA's parameter "
-        "metrics compare its cumulative adapter after each task, not per-task updates.", "",
+        "is – for updates saved as sparse deltas (not LoRA factors) and n/a for SeqLoRA (its "
+        "per-task update, adapter t minus adapter t-1, has no A of its own); its other "
+        "parameter metrics are on those per-task updates.", "",
         "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
     ]
     for name, row in table.items():

@@ -255,7 +255,10 @@ def test_theorem1_disjoint_rows_give_full_orthogonality(pair: tuple, seed: int) 
     g = torch.Generator().manual_seed(seed)
     rows_of_1 = torch.rand(w1.shape[0], 1, generator=g) < 0.5
     w1, w2 = w1 * rows_of_1, w2 * ~rows_of_1
-    assert torch.count_nonzero(w1.T @ w2) == 0
+    # nlora's AWOM (PEFT orientation: ΔW = wᵀ, so ‖ΔW_1 ΔW_2ᵀ‖ = ‖w1ᵀ w2‖) is exactly 0
+    assert awom_pair(w1.T, w2.T, "fro") == 0.0
+    assert awom_pair(w1.T, w2.T, "spectral") == 0.0
+    assert collision_rate(w1, w2, 0.0, "absolute") == 0.0
 
 
 def test_theorem1_as_stated_is_false() -> None:
@@ -272,13 +275,14 @@ def test_theorem1_as_stated_is_false() -> None:
 def test_theorem1_orthogonal_yet_colliding() -> None:
     # non-necessity: ΔW_1ᵀΔW_2 = 1·1 + 1·(−1) = 0 but every position collides
     w1, w2 = t64([[1], [1]]), t64([[1], [-1]])
-    assert float((w1.T @ w2).abs().sum()) == 0.0
+    assert awom_pair(w1.T, w2.T, "fro") == 0.0  # ‖w1ᵀw2‖ = |1·1 + 1·(−1)| = 0, by nlora
     assert collision_rate(w1, w2, 0.0, "absolute") == 1.0
     # a dense example: orthogonal Q's columns as two "updates"
     q, _ = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(0),
                                        dtype=torch.float64))
     u, v = q[:, :3], q[:, 3:]
-    assert torch.allclose(u.T @ v, torch.zeros(3, 3, dtype=torch.float64), atol=1e-12)
+    assert awom_pair(u.T, v.T, "fro") == pytest.approx(0.0, abs=1e-12)
+    assert awom_pair(u.T, u.T, "fro") == pytest.approx(math.sqrt(3))  # ‖I₃‖_F: not orthogonal
     assert collision_rate(u, v, 0.0, "absolute") == 1.0
 
 

@@ -60,7 +60,7 @@ def test_the_file_equals_the_flags_and_flags_override_it(data_dir, tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("lr: 0.001\n", "unknown key 'lr' (did you mean 'learning_rate'?)"),
     ("learning_rate: [0.1\n", "malformed YAML at line"),
-    ("- a\n- b\n", "expected a mapping"),
+    ("- a\n- b\n", "not a mapping of option: value"),
 ])
 def test_a_bad_config_file_is_one_line_naming_the_file(tmp_path, capsys, text, message):
     path = tmp_path / "bad.yaml"

@@ -80,6 +80,22 @@ def test_two_processes_give_the_one_process_result(one_process, tiny_llama_dir, 
 
 
 @pytest.mark.slow  # end to end: make test-fast skips it
+def test_the_releases_part_means_do_not_depend_on_the_process_count(tiny_llama_dir, data_dir,
+                                                                    tmp_path):
+    """--loss-parts 4 (the releases' per-GPU mean losses): its parts are rows k, k + 4, ... of
+    each global batch, so two processes give the one-process result here too."""
+    one = tmp_path / "one"
+    assert main(_argv(tiny_llama_dir, data_dir, one, "--loss-parts", "4")) == 0
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "-m", "nlora.cli", *_argv(tiny_llama_dir, data_dir, two, "--loss-parts", "4")]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _same_results(one, two)
+
+
+@pytest.mark.slow  # end to end: make test-fast skips it
 def test_two_nodes_on_loopback_give_the_one_process_result(one_process, tiny_llama_dir,
                                                            data_dir, tmp_path):
     out, port = tmp_path / "nodes", str(_free_port())

@@ -95,6 +95,7 @@ def test_the_exported_folder_loads_without_nlora(tiny_llama_dir, data_dir, tmp_p
     assert plain == expected
 
 
+@pytest.mark.slow  # end to end: make test (the fast tier) skips it
 def test_a_per_task_method_exports_one_folder_per_task(tiny_llama_dir, data_dir, tmp_path):
     run, out = tmp_path / "run", tmp_path / "exported"
     assert _run(tiny_llama_dir, data_dir, run, "--method", "pertaskft") == 0

@@ -96,6 +96,10 @@ BAD_OPTIONS = [  # (extra arguments, what the one line must say)
      "--target-modules nothing_here matches no module of the model; its linear layers are "
      "named down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"),
     (["--l1-on", "reference"], "--l1-on reference needs square modules"),
+    # the tiny model is 32 wide (v_proj 16 x 32): a rank above its modules' is refused
+    (["--lora-r", "100000"], "--lora-r 100000 exceeds the rank base_model.model.model.layers.0"
+     ".self_attn.q_proj can have (32x32, out x in); use at most 32"),
+    (["--loss-parts", "3"], "--loss-parts 3 does not divide --batch-size 4"),
 ]
 
 
@@ -212,12 +216,14 @@ DRIVER = textwrap.dedent("""
             return real_replace(src, dst)
 
         os.replace = replace
-    elif where == "step":
+    elif where in ("step", "term"):  # term: SIGTERM instead of SIGKILL
         import torch
         real_step = torch.optim.AdamW.step
 
         def step(self, *a, **k):
-            count_and_maybe_die("step")
+            calls.append("step")
+            if calls.count("step") == int(nth):
+                os.kill(os.getpid(), signal.SIGTERM if where == "term" else signal.SIGKILL)
             return real_step(self, *a, **k)
 
         torch.optim.AdamW.step = step
@@ -348,3 +354,284 @@ def test_report_and_load_use_only_finished_tasks(tiny_llama_dir, data_dir, tmp_p
     assert "reproduces 4/4" in capsys.readouterr().out
     assert (tmp_path / "model1" / "config.json").is_file()
 
+
+
+# --- damaged inputs: one line, never a traceback (issue 25) ----------------------------------
+
+def test_a_truncated_model_file_is_one_line(tiny_llama_dir, data_dir, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    out = tmp_path / "run"
+    assert main(_args(model, data_dir, out)) == 2
+    line = _one_line_error(capsys)
+    assert f"cannot load model '{model}'" in line and "SafetensorError" in line
+    assert not out.exists()
+
+
+def test_a_misspelt_hub_model_fails_at_once_in_one_line(data_dir, tmp_path, capsys):
+    import time
+
+    out = tmp_path / "run"
+    start = time.perf_counter()
+    assert main(_args("smollm2-135", data_dir, out)) == 2  # the default is smollm2-135m
+    assert time.perf_counter() - start < 10  # no rounds of hub retries
+    line = _one_line_error(capsys)
+    assert "model 'smollm2-135' not found: not a local folder" in line
+    assert not out.exists()
+
+
+def _deep_json_data(root: Path) -> Path:
+    folder = root / "SC" / "deep"
+    folder.mkdir(parents=True)
+    (folder / "labels.json").write_text('["a", "b"]')
+    (folder / "train.json").write_text("[" * 100_000 + "]" * 100_000)
+    (folder / "test.json").write_text('[{"sentence": "x", "label": "a"}]')
+    return root
+
+
+def test_deeply_nested_json_is_one_line_in_run_and_tasks(tiny_llama_dir, tmp_path, capsys):
+    data = _deep_json_data(tmp_path / "data")
+    message = "deep/train.json: JSON nested too deeply to read"
+    out = tmp_path / "run"
+    argv = ["run", "--model", str(tiny_llama_dir), "--data", str(data), "--tasks", "deep",
+            "--out", str(out), *SMALL]
+    assert main(argv) == 2
+    assert message in _one_line_error(capsys)
+    assert main(["tasks", "--data", str(data)]) == 2
+    assert message in _one_line_error(capsys)
+    assert not out.exists()
+
+
+def test_a_latin1_instructions_file_is_one_line(tiny_llama_dir, data_dir, tmp_path, capsys):
+    for name, text in (("ins.json", '{"SC": "caf\xe9"}'), ("ins.yaml", "SC: caf\xe9\n")):
+        path = tmp_path / name
+        path.write_bytes(text.encode("latin-1"))
+        out = tmp_path / "run"
+        assert main(_args(tiny_llama_dir, data_dir, out, "--instructions", str(path))) == 2
+        assert f"--instructions {path}: not UTF-8 text (byte 0xe9" in _one_line_error(capsys)
+        assert not out.exists()
+
+
+def test_a_symlink_loop_as_out_or_data_is_one_line(tiny_llama_dir, data_dir, tmp_path, capsys):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    assert main(_args(tiny_llama_dir, data_dir, loop)) == 2
+    assert f"--out {loop}: Symlink loop" in _one_line_error(capsys)
+    assert main(_args(tiny_llama_dir, loop, tmp_path / "run")) == 2
+    assert f"data directory {loop}: Symlink loop" in _one_line_error(capsys)
+    assert main(["tasks", "--data", str(loop)]) == 2
+    assert "Symlink loop" in _one_line_error(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_llama_dir, data_dir, tmp_path_factory) -> Path:
+    """A finished two-task run of the tiny LLaMA; tests damage copies of it."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert main(_args(tiny_llama_dir, data_dir, out)) == 0
+    return out
+
+
+def _copy_run(run: Path, to: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run, to, symlinks=True)
+    return to
+
+
+def _damage(run: Path, how: str) -> None:
+    task = run / "tasks" / "01-yelp"
+    adapter = task / "adapter" / "adapter_model.safetensors"
+    if how == "truncated adapter":
+        adapter.write_bytes(adapter.read_bytes()[:500])
+    elif how == "corrupt done.json":
+        (task / "done.json").write_text('{"task": "SC/yelp", "accur')
+    elif how == "incomplete done.json":
+        (task / "done.json").write_text('{"task": "SC/yelp"}')
+    elif how == "pickle adapter":
+        import torch
+        from safetensors.torch import load_file
+
+        torch.save(load_file(adapter), adapter.with_name("adapter_model.bin"))
+        adapter.unlink()
+
+
+DAMAGE = {  # what the one line must say, per damage
+    "truncated adapter": "01-yelp is damaged: task 1 cannot be restored (SafetensorError",
+    "corrupt done.json": "01-yelp/done.json is damaged (",
+    "incomplete done.json": "01-yelp/done.json is incomplete (no accuracies or step count)",
+    "pickle adapter": "adapter_model.bin is a pickle file; nlora writes and reads safetensors",
+}
+
+
+@pytest.mark.parametrize("how", list(DAMAGE))
+def test_damaged_run_files_are_one_line_in_resume_export_and_load(how, finished_run, tmp_path,
+                                                                  capsys):
+    run = _copy_run(finished_run, tmp_path / "run")
+    _damage(run, how)
+    (run / "tasks" / "02-agnews" / "done.json").unlink()  # resume restores task 1
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "run.log"}
+    commands = {
+        "resume": ["run", "--config", str(run / "config.yaml"), "--out", str(run)],
+        "export": ["export", str(run), "--out", str(tmp_path / "exported")],
+        "load": ["load", str(run), "--task", "1"],
+    }
+    for name, argv in commands.items():
+        assert main(argv) == 2, name
+        assert DAMAGE[how] in _one_line_error(capsys), name
+    assert not (tmp_path / "exported").exists()
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "run.log"}
+    assert after.keys() - {run / ".nlora.lock"} == before.keys() - {run / ".nlora.lock"}
+    assert all(after[p] == before[p] for p in before if p.name != ".nlora.lock")  # nothing lost
+
+
+REPORT_DAMAGE = {  # file, content, what the one line must say
+    "truncated adapter": (None, None, "01-yelp: its saved update cannot be read "
+                          "(SafetensorError"),
+    "pickle adapter": (None, None, "adapter_model.bin is a pickle file"),
+    "garbage metrics.json": ("metrics.json", "garbage", "metrics.json is damaged (Expecting"),
+    "list metrics.json": ("metrics.json", "[1, 2]", "metrics.json is damaged (a JSON list, "
+                          "not an object)"),
+    "matrix of strings": ("metrics.json", '{"accuracy": [["a"]]}',
+                          "metrics.json is damaged: accuracy is not a matrix of numbers"),
+    "NaN in metrics.json": ("metrics.json", '{"summary": {"AA": NaN}}',
+                            "metrics.json is damaged (NaN is not a number nlora writes)"),
+    "infinity in metrics.json": ("metrics.json", '{"summary": {"AA": 1e999}}',
+                                 "metrics.json is damaged (number 1e999 is not finite)"),
+    "garbage config.yaml": ("config.yaml", "a: [b\n", "config.yaml is damaged ("),
+    "list config.yaml": ("config.yaml", "- a\n- b\n", "config.yaml is damaged (a YAML list, "
+                         "not a mapping of option: value)"),
+}
+
+
+@pytest.mark.parametrize("how", list(REPORT_DAMAGE))
+def test_damaged_run_files_are_one_line_in_report(how, finished_run, tmp_path, capsys):
+    run = _copy_run(finished_run, tmp_path / "run")
+    name, content, message = REPORT_DAMAGE[how]
+    if name is None:
+        _damage(run, how)
+    else:
+        (run / name).write_text(content)
+    out = tmp_path / "report"
+    assert main(["report", str(run), "--out", str(out)]) == 2
+    assert message in _one_line_error(capsys)
+    assert not (out / "report.md").exists()
+
+
+def test_report_refuses_an_out_that_is_or_is_inside_a_run(finished_run, tmp_path, capsys):
+    run = _copy_run(finished_run, tmp_path / "run")
+    metrics = (run / "metrics.json").read_bytes()
+    for out in (run, run / "report", run / "tasks" / "01-yelp"):
+        assert main(["report", str(run), "--out", str(out)]) == 2
+        assert f"--out {out} is" in _one_line_error(capsys)
+    assert (run / "metrics.json").read_bytes() == metrics  # the run's own file, untouched
+    assert not (run / "report").exists() and not (run / "report.md").exists()
+    assert main(["report", str(run), "--out", str(tmp_path / "rep")]) == 0  # outside: fine
+    capsys.readouterr()
+    assert main(["report", str(run), "--out", str(tmp_path / "rep")]) == 0  # a report again
+    capsys.readouterr()
+
+
+def test_export_refuses_a_symlink_as_out(finished_run, tmp_path, capsys):
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    assert main(["export", str(finished_run), "--out", str(link)]) == 2
+    assert f"--out {link} is a symbolic link" in _one_line_error(capsys)
+    assert link.is_symlink() and real.is_dir() and not any(real.iterdir())
+
+
+def test_export_reads_nothing_outside_the_run_folder(finished_run, tmp_path, capsys):
+    """A symlinked adapter, or a task name with ``..`` in a crafted config.yaml, would merge
+    another run's adapter into the export: refused, naming the path."""
+    other = _copy_run(finished_run, tmp_path / "other")
+    linked = _copy_run(finished_run, tmp_path / "linked")
+    adapter = linked / "tasks" / "01-yelp" / "adapter"
+    import shutil
+
+    shutil.rmtree(adapter)
+    adapter.symlink_to(other / "tasks" / "01-yelp" / "adapter")
+    assert main(["export", str(linked), "--out", str(tmp_path / "e1")]) == 2
+    assert f"{adapter} leads outside the run folder" in _one_line_error(capsys)
+    crafted = _copy_run(finished_run, tmp_path / "crafted")
+    config = (crafted / "config.yaml").read_text()
+    escape = "SC/yelp/../../../other/tasks/01-yelp"  # tasks/01-yelp/../../../other/...
+    assert (crafted / "tasks" / f"01-{escape.split('/', 1)[1]}").resolve() == \
+        (other / "tasks" / "01-yelp").resolve()
+    (crafted / "config.yaml").write_text(config.replace("- SC/yelp\n- TC/agnews\n",
+                                                        f"- {escape}\n"))
+    for argv in (["export", str(crafted), "--out", str(tmp_path / "e2")], ["load", str(crafted)]):
+        assert main(argv) == 2
+        assert f"{crafted / 'config.yaml'}: task '{escape}' is not CATEGORY/DATASET" in \
+            _one_line_error(capsys)
+    assert not (tmp_path / "e1").exists() and not (tmp_path / "e2").exists()
+
+
+def test_a_full_disk_is_one_line_naming_the_folder(tiny_llama_dir, data_dir, tmp_path, capsys,
+                                                   monkeypatch):
+    """No space left while recording task 2 (and run.log unwritable all along): one line
+    naming the run folder, no logging tracebacks; task 1 stays finished."""
+    import errno
+
+    from nlora import runner
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    class FullStream:
+        write = flush = full
+
+    real_attach, real_write = runner._attach_log_file, runner.write_text_atomic
+
+    def attach(out_dir):
+        handler = real_attach(out_dir)
+        handler.stream.close()
+        handler.stream = FullStream()
+        return handler
+
+    def write(path, text):
+        if "02-agnews" in str(path):
+            full()
+        return real_write(path, text)
+
+    monkeypatch.setattr(runner, "_attach_log_file", attach)
+    monkeypatch.setattr(runner, "write_text_atomic", write)
+    out = tmp_path / "run"
+    assert main(_args(tiny_llama_dir, data_dir, out)) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Logging error" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"nlora: error: no space left on the device holding {out.resolve()}; free some and "
+        "rerun the same command to resume (finished tasks are kept)")
+    assert (out / "tasks" / "01-yelp" / "done.json").is_file()
+    assert not (out / "tasks" / "02-agnews" / "done.json").exists()
+
+
+@pytest.mark.slow  # two processes end to end
+def test_sigterm_says_it_stopped_and_how_to_resume(tiny_llama_dir, data_dir, tmp_path):
+    out = tmp_path / "run"
+    stopped = _cli(tmp_path, _args(tiny_llama_dir, data_dir, out), kill_at="term::3")
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    assert stopped.stderr.strip().splitlines()[-1] == (
+        "nlora: stopped by SIGTERM; rerun the same command to resume (finished tasks are kept)")
+    assert (out / ".nlora.lock").read_text() == ""  # released on the way out
+    assert _cli(tmp_path, _args(tiny_llama_dir, data_dir, out)).returncode == 0
+
+
+@pytest.mark.slow  # a killed process
+def test_an_export_killed_midway_leaves_nothing_the_next_export_keeps(finished_run, tmp_path,
+                                                                      capsys):
+    out = tmp_path / "model"
+    killed = _cli(tmp_path, ["export", str(finished_run), "--out", str(out)],
+                  kill_at="replace:model:1")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    leftovers = list(tmp_path.glob(".model.*.tmp"))
+    assert len(leftovers) == 1 and not out.exists()
+    assert main(["export", str(finished_run), "--out", str(out)]) == 0
+    assert f"removed {leftovers[0]}, left by an interrupted export" in capsys.readouterr().err
+    assert not list(tmp_path.glob(".model.*.tmp")) and (out / "config.json").is_file()

@@ -350,6 +350,7 @@ def test_inflora_new_update_vanishes_on_earlier_tasks_input_subspace(tiny_llama_
 
 # --- report -----------------------------------------------------------------------------------
 
+@pytest.mark.slow  # end to end: make test (the fast tier) skips it
 def test_report_marks_parameter_metrics_that_do_not_apply_as_na(tiny_llama_dir, data_dir,
                                                                 tmp_path):
     from nlora.cli import main
@@ -408,6 +409,7 @@ def test_each_new_method_gets_its_own_default_learning_rate(data_dir, tmp_path):
     assert config_from_args(args).learning_rate == 0.1
 
 
+@pytest.mark.slow  # end to end: make test (the fast tier) skips it
 def test_compare_runs_new_methods_with_their_options(tiny_llama_dir, data_dir, tmp_path, capsys):
     from nlora.cli import main
 

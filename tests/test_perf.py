@@ -141,15 +141,31 @@ def test_rank_picks_the_label_of_highest_likelihood(tokenizer, data_dir):
                                                           key=scores.__getitem__)]
 
 
-def test_rank_mode_run_records_its_mode(tiny_llama_dir, data_dir, tmp_path):
+def test_rank_mode_run_answers_the_most_likely_label(tiny_llama_dir, data_dir, tmp_path):
+    """A run with --eval-mode rank records, for every test row after task 2, the label that a
+    plain forward of the model after task 2 finds most likely (computed here, row by row)."""
+    from nlora.load import load_model
+    from nlora.runner import load_tasks
+
+    run = tmp_path / "r"
     code = main(["run", "--model", str(tiny_llama_dir), "--data", str(data_dir),
-                 "--tasks", ",".join(TINY_TASKS[:2]), "--out", str(tmp_path / "r"),
+                 "--tasks", ",".join(TINY_TASKS[:2]), "--out", str(run),
                  "--train-per-task", "8", "--test-per-task", "5", "--epochs", "1",
-                 "--batch-size", "4", "--max-source-length", "64", "--eval-mode", "rank"])
+                 "--batch-size", "4", "--lr", "5e-2", "--max-source-length", "64",
+                 "--eval-mode", "rank"])
     assert code == 0
-    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
-    assert metrics["eval_mode"] == "rank"
-    rows = (tmp_path / "r/tasks/02-agnews/predictions.jsonl").read_text().splitlines()
-    labels = {name: load_task(data_dir, name, splits=()).labels for name in TINY_TASKS[:2]}
-    for row in map(json.loads, rows):
-        assert row["prediction"] in labels[row["task"]]
+    loaded = load_model(run, task=2)
+    encoder = Encoder(loaded.tokenizer, is_seq2seq=False, max_source_length=64)
+    tasks = {t.name: t for t in load_tasks(loaded.config)}
+    rows = [json.loads(line) for line in
+            (run / "tasks/02-agnews/predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 10
+    with torch.no_grad():
+        for row in rows:
+            task = tasks[row["task"]]
+            prompt = encoder.example_ids(task.test[row["index"]])
+            scores = [float(_full_loglik(loaded.model, encoder, prompt,
+                                         encoder.label_ids(label) + [encoder.eos_id], False))
+                      for label in task.labels]
+            assert row["prediction"] == task.labels[max(range(len(scores)),
+                                                        key=scores.__getitem__)]

@@ -175,3 +175,89 @@ def test_accuracy_heatmap_draws_a_joint_runs_one_column_matrix(tmp_path: Path) -
     path = accuracy_heatmap(run, tmp_path / "mtl_accuracy.png")
     image = matplotlib.image.imread(path)
     assert image.ndim == 3 and image.shape[0] > 100
+
+
+# --- SeqLoRA's per-task update, the method behind a label, no silent gaps (issue 25) ----------
+
+def test_seqlora_update_is_a_difference_of_rank_2r_without_an_oo(tmp_path: Path) -> None:
+    """SeqLoRA saves one adapter after every task: task t's update is adapter t − adapter t-1,
+    factored with 2r columns (its rank can reach 2r), and it has no A of its own, so OO (on A)
+    is n/a where AWOM (on ΔW) stays."""
+    run, adapters = make_run(tmp_path, "seq", "seqlora", keep=[1.0, 1.0, 1.0])
+    updates = load_task_updates(run, cumulative=True)
+    module = "model.layers.0.self_attn.q_proj"
+    torch.testing.assert_close(updates[1][module].delta(),
+                               adapters[1][module] - adapters[0][module], atol=1e-6, rtol=0)
+    assert updates[1][module].A.shape[0] == 8  # r = 4 of adapter 2 and 4 of adapter 1
+    assert torch.linalg.matrix_rank(updates[1][module].delta(torch.float64)) == 8
+    result = analyse_run(run, progress=False)
+    p = result["parameter"]
+    assert p["summary"]["rank"] == 8 and p["per_module"][module]["rank"] == [4, 8, 8]
+    assert p["summary"]["OO"] is None and p["per_task"]["oo"] == [None] * 3
+    assert p["summary"]["AWOM"] is not None
+    out = tmp_path / "report"
+    assert main(["report", str(run), "--out", str(out)]) == 0
+    row = next(line for line in (out / "report.md").read_text().splitlines()
+               if line.startswith("| seq |"))
+    assert row.split(" | ")[8] == "n/a"  # the OO column
+
+
+def test_collision_map_reads_seqlora_differences_whatever_the_label(tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    """The label of a SeqLoRA run with --l1-lambda auto is 'seqlora+λauto'; the collision map
+    must still compare task updates (adapter differences), not the saved adapters."""
+    from nlora import figures
+
+    run, adapters = make_run(tmp_path, "seq", "seqlora", keep=[1.0, 1.0, 1.0])
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "l1_lambda": "auto"}))
+    drawn = []
+    monkeypatch.setattr(figures, "collision_map",
+                        lambda dw_i, dw_j, *args, **kwargs: drawn.append((dw_i, dw_j)))
+    module = "model.layers.0.self_attn.q_proj"
+    assert main(["report", str(run), "--out", str(tmp_path / "r"), "--module", module]) == 0
+    assert "seqlora+λauto" in (tmp_path / "r" / "report.md").read_text()
+    (dw_1, dw_2), = drawn
+    torch.testing.assert_close(dw_1, adapters[0][module], atol=1e-6, rtol=0)
+    torch.testing.assert_close(dw_2, adapters[1][module] - adapters[0][module], atol=1e-6, rtol=0)
+
+
+def test_a_finished_task_without_its_update_is_named_not_skipped(tmp_path: Path) -> None:
+    from nlora.errors import ConfigError
+
+    run, _ = make_run(tmp_path, "gap", "nlora", keep=[1.0, 1.0, 1.0])
+    import shutil
+
+    shutil.rmtree(run / "tasks" / "02-dbpedia" / "adapter")  # task 3's is still there
+    with pytest.raises(ConfigError, match=r"02-dbpedia is finished \(done.json\) but holds no "
+                       r"adapter"):
+        load_task_updates(run)
+
+
+def test_updates_of_different_modules_are_an_error_not_a_smaller_analysis() -> None:
+    from nlora.analysis import analyse_updates
+    from nlora.param_metrics import LoraUpdate
+
+    def update(seed: int) -> LoraUpdate:
+        g = torch.Generator().manual_seed(seed)
+        return LoraUpdate(A=torch.randn(2, 4, generator=g), B=torch.randn(4, 2, generator=g),
+                          scaling=1.0)
+
+    tasks = [{"q": update(0), "v": update(1)}, {"q": update(2)}]
+    with pytest.raises(ValueError, match=r"task 2's update and task 1's adapt different "
+                       r"modules \(1 in one only, e.g. v\)"):
+        analyse_updates(tasks, progress=False)
+
+
+def test_an_unfinished_runs_forgetting_is_over_its_finished_tasks(tmp_path: Path) -> None:
+    """Two of three tasks finished: F.Ra so far = max(a[0][0]) − a[0][1] = 70 − 60, by hand,
+    with a note saying so (the full matrix's missing column is no error)."""
+    run, _ = make_run(tmp_path, "half", "nlora", keep=[1.0, 1.0, 1.0])
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["accuracy"] = [[70.0, 60.0, None], [None, 80.0, None], [None, None, None]]
+    metrics["finished"] = 2
+    del metrics["summary"]
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    result = analyse_run(run, progress=False)
+    assert result["scores"]["F.Ra"] == 10.0
+    assert "unfinished run (2 of 3 tasks): F.Ra over the first 2" in result["notes"]

@@ -59,8 +59,7 @@ def test_every_sample_file_is_installed_as_package_data():
                    for pat in patterns), f
 
 
-@pytest.mark.skipif(DATA == SAMPLE_DATA, reason="needs the full benchmark (NLORA_DATA or "
-                    "../shared/CL_Benchmark)")
+@pytest.mark.shared_data  # the sample is cut from the full benchmark (NLORA_DATA)
 def test_the_script_rebuilds_the_sample_byte_for_byte():
     done = subprocess.run([sys.executable, str(SCRIPT), "--source", str(DATA), "--check"],
                           capture_output=True, text=True, timeout=120)

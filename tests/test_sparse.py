@@ -307,6 +307,7 @@ def test_collision_free_tasks_never_share_a_position(tiny_llama_dir, data_dir, t
     _check_reload(tiny_llama_dir, data_dir, run)
 
 
+@pytest.mark.slow  # end to end: make test (the fast tier) skips it
 @pytest.mark.parametrize("extra", [
     ("--prune-density", "0.2", "--collision-free", "--l1-lambda", "auto", "--l1-auto-steps",
      "2"),
@@ -365,8 +366,9 @@ def test_auto_lambda_sets_the_penalty_to_ratio_times_task_loss(tokenizer):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     optimizer = SimpleNamespace(param_groups=[{"lr": 1e-3}])
     losses = [2.0, 1.0, 0.6]
-    for loss in losses:
+    for loss in losses:  # the training loop reports each step's loss, then steps
         assert method.penalty(model, 0, None, SimpleNamespace(loss=torch.tensor(loss))) is None
+        method.observe_step(0, loss)
         method.after_step(model, 0, optimizer)
     params = dict(model.named_parameters())
     l1 = sum(float((2.0 * params[n.replace("lora_A", "lora_B")] @ p).detach().abs().sum())

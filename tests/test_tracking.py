@@ -64,6 +64,7 @@ def test_run_log_and_tensorboard_hold_the_same_curves(tiny_llama_dir, data_dir, 
     assert re.search(r"evaluated in \d+s \(step 12\): yelp", (run / "run.log").read_text())
 
 
+@pytest.mark.slow  # end to end: make test (the fast tier) skips it
 def test_curves_continue_after_a_resume(tiny_llama_dir, data_dir, tmp_path, monkeypatch):
     pytest.importorskip("tensorboard")
     real_train = runner.train_task

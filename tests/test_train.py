@@ -153,6 +153,19 @@ def test_row_keyed_dropout_follows_the_row_not_the_batch():
     assert torch.equal(drop.eval()(x), x)
 
 
+def test_row_keyed_dropout_refuses_rows_it_was_not_told_about():
+    """No silent plain dropout (whose masks would depend on the process count): a training
+    forward without announced rows, or with another number of rows, is an error."""
+    rows = RowKeys(length=12)
+    drop = RowKeyedDropout(0.25, ordinal=3, rows=rows).train()
+    with pytest.raises(RuntimeError, match=r"dropout #3 got a batch of shape \(2, 5, 8\) but "
+                       r"the training loop announced no rows"):
+        drop(torch.ones(2, 5, 8))
+    rows.keys = [1, 2, 3]
+    with pytest.raises(RuntimeError, match="announced 3 rows"):
+        drop(torch.ones(2, 5, 8))
+
+
 def test_lambda_that_explodes_stops_the_task_naming_lambda_and_lr(
     tiny_llama_dir, data_dir, tmp_path, capsys
 ):
@@ -205,3 +218,144 @@ def test_truncation_of_a_multirc_length_row(tokenizer, mode):
     # a prompt that fits is the plain tokenization in every mode
     short = build_prompt("MultiRC", "multirc", MULTIRC_LABELS, _long_row(5))
     assert encoder.prompt_ids(short, _long_row(5)) == tokenizer(short)["input_ids"]
+
+
+# --- the loss of a step: label-token weighting, the releases' part means, the fast path -------
+
+def _uneven(n: int = 8) -> list[Example]:
+    """Rows whose answers differ in length (1 to n words), so micro-batches differ in tokens."""
+    labels = [" ".join(["word"] * (i + 1)) for i in range(n)]
+    return [Example(f"text {i}", labels[i], build_prompt("SC", "toy", labels, f"text {i}"))
+            for i in range(n)]
+
+
+def _train_rows(tokenizer, examples, config, model=None, **options):
+    from accelerate import Accelerator
+
+    from nlora.methods.nlora import NLoRA
+    from nlora.train import train_task
+
+    encoder = Encoder(tokenizer, is_seq2seq=False, max_source_length=64)
+    method = NLoRA(config, is_seq2seq=False)
+    torch.manual_seed(0)
+    model = method.begin_task(model if model is not None else tiny_llama(tokenizer), 0, None)
+    options = {"grad_accum": 1, "max_grad_norm": None, "group_by_length": False, **options}
+    epochs = options.pop("epochs", 1)
+    model, result = train_task(model, method, 0, examples, encoder, Accelerator(cpu=True),
+                               1e-2, epochs, len(examples), 0.0, seed=3, **options)
+    return method, model, result, encoder
+
+
+def test_auto_lambda_does_not_depend_on_the_micro_batches(tokenizer):
+    """λ auto is calibrated on the training loss itself (label-token weighted over the global
+    batch): one forward of 8 rows or two of 4 choose the same λ, though the two halves carry
+    different numbers of answer tokens."""
+    config = RunConfig(lora_r=4, lora_dropout=0.1, l1_lambda="auto", l1_auto_steps=2,
+                       tasks=["a"])
+    chosen = []
+    for accum in (1, 2):
+        method, _, _, _ = _train_rows(tokenizer, _uneven(), config, grad_accum=accum, epochs=3)
+        chosen.append(method.task_info(0)["l1_lambda"])
+    assert chosen[0] > 0
+    assert chosen[1] == pytest.approx(chosen[0], rel=1e-5)
+
+
+def test_loss_parts_is_the_mean_of_the_parts_mean_losses(tokenizer):
+    """--loss-parts 2: the first step's loss is the mean of the model's own mean loss on each
+    half (rows 0, 2, 4, ... and 1, 3, 5, ... of the global batch), on any micro-batching; the
+    default weighs every answer token alike (the model's loss on the whole batch)."""
+    from nlora.train import global_batches
+
+    examples = _uneven()
+    config = RunConfig(lora_r=4, lora_dropout=0.0, tasks=["a"], l1_lambda=0.0)
+    encoder = Encoder(tokenizer, is_seq2seq=False, max_source_length=64)
+    features = [encoder.train_features(ex) for ex in examples]
+    order = global_batches([len(f["input_ids"]) for f in features], 8, 3, 0, False)[0]
+    model = tiny_llama(tokenizer).eval()
+    with torch.no_grad():  # B = 0 at the start: the adapter changes nothing yet
+        halves = [float(model(**encoder.collate_train([features[i] for i in order[k::2]])).loss)
+                  for k in (0, 1)]
+        whole = float(model(**encoder.collate_train(features)).loss)
+    assert abs(halves[0] - halves[1]) > 1e-3  # the two means differ: the weighting matters
+    for accum in (1, 2, 4):
+        _, _, parted, _ = _train_rows(tokenizer, examples, config, tiny_llama(tokenizer),
+                                      grad_accum=accum, loss_parts=2)
+        assert parted.first_loss == pytest.approx(sum(halves) / 2, rel=1e-5)
+    _, _, plain, _ = _train_rows(tokenizer, examples, config, tiny_llama(tokenizer))
+    assert plain.first_loss == pytest.approx(whole, rel=1e-5)
+    assert abs(plain.first_loss - parted.first_loss) > 1e-4
+
+
+def test_zero_lr_steps_leave_the_weights_but_feed_adams_moments(tokenizer, monkeypatch):
+    """--zero-lr-steps 2 (the releases' DeepSpeed WarmupLR): steps 1-2 at lr 0 move nothing,
+    yet AdamW's moments take their gradients, so step 3 differs from a fresh first step."""
+    snapshots = []
+    real_step = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        params = [p for g in self.param_groups for p in g["params"]]
+        snapshots.append(([p.detach().clone() for p in params],
+                          [self.state[p]["exp_avg"].clone() for p in params],
+                          self.param_groups[0]["lr"]))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    config = RunConfig(lora_r=4, lora_dropout=0.0, tasks=["a"], l1_lambda=0.0)
+    logged = []
+    _, model, _, _ = _train_rows(tokenizer, _uneven(), config, epochs=3, zero_lr_steps=2,
+                                 on_step=lambda r: logged.append(r.learning_rate))
+    assert logged == [0.0, 0.0, 1e-2] and [s[2] for s in snapshots] == logged
+    initial = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    for params, moments, _ in snapshots[:2]:
+        assert all(p.equal(q) for p, q in zip(params, snapshots[0][0], strict=True))
+        assert any(float(m.abs().sum()) > 0 for m in moments)  # gradients were taken
+    assert any(not p.equal(q) for p, q in zip(snapshots[2][0], snapshots[0][0], strict=True))
+    assert all(p.equal(q) for p, q in zip(initial, snapshots[2][0], strict=True))
+    # the same third batch without the two lr-0 steps before it moves the weights otherwise
+    snapshots.clear()
+    _train_rows(tokenizer, _uneven(), config, epochs=1)
+    first_fresh = snapshots[0][0]
+    assert any(not p.equal(q) for p, q in zip(first_fresh, initial, strict=True))
+
+
+def _tiny_granite(tokenizer, logits_scaling: float):
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    torch.manual_seed(0)
+    config = GraniteConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id, logits_scaling=logits_scaling,
+    )
+    return GraniteForCausalLM(config)
+
+
+def test_a_model_with_an_unknown_output_transform_trains_on_its_own_loss(tokenizer, caplog):
+    """Granite divides its logits by logits_scaling, which the LM-head-at-answers path does not
+    know: the first batch shows the two losses differ, the task trains on the plain forward
+    (its first loss is the model's own), and one line names the model and both losses."""
+    examples = _uneven()
+    config = RunConfig(lora_r=4, lora_dropout=0.0, tasks=["a"], l1_lambda=0.0,
+                       target_modules=["q_proj", "v_proj"])
+    encoder = Encoder(tokenizer, is_seq2seq=False, max_source_length=64)
+    batch = encoder.collate_train([encoder.train_features(ex) for ex in examples])
+    model = _tiny_granite(tokenizer, 0.05)
+    with torch.no_grad():
+        own = float(model.eval()(**batch).loss)
+    with caplog.at_level("WARNING", logger="nlora"):
+        _, _, result, _ = _train_rows(tokenizer, examples, config, model)
+    assert result.first_loss == pytest.approx(own, rel=1e-5)
+    lines = [r.getMessage() for r in caplog.records if "differs from the model's own" in
+             r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("GraniteForCausalLM: ")
+    # a model without a transform keeps the fast path, silently, with the same first loss
+    caplog.clear()
+    plain = _tiny_granite(tokenizer, 1.0)
+    with torch.no_grad():
+        own = float(plain.eval()(**batch).loss)
+    with caplog.at_level("WARNING", logger="nlora"):
+        _, _, result, _ = _train_rows(tokenizer, examples, config, plain)
+    assert result.first_loss == pytest.approx(own, rel=1e-5)
+    assert not [r for r in caplog.records if "differs" in r.getMessage()]

@@ -70,6 +70,14 @@ def check_adapter(
             f"model; its linear layers are named {', '.join(names)}"
         ) from None
     try:
+        for f in lora_factors(peft_model):  # a rank above min(out, in) adds nothing but size
+            out_features, in_features = f.B.shape[0], f.A.shape[1]
+            if config.lora_r > min(out_features, in_features):
+                raise ConfigError(
+                    f"--lora-r {config.lora_r} exceeds the rank {f.name} can have "
+                    f"({out_features}x{in_features}, out x in); use at most "
+                    f"{min(out_features, in_features)}"
+                )
         if inspect is not None:
             inspect(peft_model)
     finally:

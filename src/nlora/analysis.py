@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from nlora.errors import ConfigError
 from nlora.metrics import forgetting, forward_transfer, unseen_generalisation
 from nlora.param_metrics import (
     ABSOLUTE_GRID,
@@ -93,7 +94,14 @@ def analyse_updates(
     # the curve, the chosen threshold, then 0 (exact zeros; in relative mode too, since
     # |x| > 0 · max|ΔW| is |x| > 0)
     all_thresholds = grid + [threshold, 0.0]
-    modules = [m for m in tasks[0] if all(m in task for task in tasks)] if tasks else []
+    modules = list(tasks[0]) if tasks else []
+    for k, task in enumerate(tasks[1:], start=2):  # every task must cover the same modules
+        if set(task) != set(modules):
+            odd = sorted(set(modules) ^ set(task))
+            raise ValueError(
+                f"task {k}'s update and task 1's adapt different modules ({len(odd)} in one "
+                f"only, e.g. {odd[0]}); the metrics compare the same modules across tasks"
+            )
     per_module: dict[str, Any] = {}
     # pooled accumulators: the whole adapter seen as one long vector
     l1 = [0.0] * t
@@ -196,7 +204,9 @@ def analyse_updates(
             "density_exact": _mean([nonzero_exact[i] / numel[i] for i in range(t) if numel[i]]),
             "subspace_use": _mean(task_use),
             "nuclear_norm": _mean(task_nuclear),
-            "rank": max((r for m in modules if (r := per_module[m]["rank"][0]) is not None),
+            # the factors' inner dimension, an upper bound of rank(ΔW), over every task: r
+            # for a fresh adapter, r_t + r_{t-1} for SeqLoRA's differences of one adapter
+            "rank": max((r for m in modules for r in per_module[m]["rank"] if r is not None),
                         default=None),
         },
     })
@@ -274,12 +284,17 @@ def analyse_run(
         "BWT": summary.get("BWT"),
         "FWT": None,
     }
+    finished = metrics.get("finished")
+    if accuracy and "summary" not in metrics and isinstance(finished, int) and finished > 1:
+        # an unfinished run: forgetting so far, over the tasks trained and their steps
+        so_far = [row[:finished] for row in accuracy[:finished]]
+        try:
+            scores["F.Ra"] = forgetting(so_far)
+        except ValueError as err:  # a finished step without a score: damage, not a gap
+            raise ConfigError(f"{run_dir / 'metrics.json'}: {err}") from None
+        notes.append(f"unfinished run ({finished} of {len(accuracy)} tasks): F.Ra over the "
+                     f"first {finished}")
     if accuracy:
-        if scores["F.Ra"] is None:  # an unfinished run: forgetting so far, if measurable
-            try:
-                scores["F.Ra"] = forgetting(accuracy)
-            except ValueError:
-                scores["F.Ra"] = None
         if metrics.get("zero_shot") is not None:
             scores["FWT"] = forward_transfer(accuracy, metrics["zero_shot"])
             if scores["FWT"] is None:
@@ -287,7 +302,8 @@ def analyse_run(
     result: dict[str, Any] = {
         "name": run_dir.name,
         "dir": str(run_dir),
-        "method": method_label(config),
+        "method": method_label(config),  # a display label, e.g. nlora+prune0.05
+        "method_name": config.get("method"),  # the method itself
         "model": config.get("model"),
         "tasks": tasks,
         "accuracy": accuracy,
@@ -310,7 +326,16 @@ def analyse_run(
     if is_cumulative_adapter(config.get("method")):
         notes.append("one adapter trained on every task: task t's update is its saved adapter "
                      "minus task t-1's")
-    result["parameter"] = analyse_updates(
-        updates, threshold, mode, awom_norm, curve_thresholds, progress
-    )
+    try:
+        parameter = analyse_updates(updates, threshold, mode, awom_norm, curve_thresholds,
+                                    progress)
+    except ValueError as err:  # updates that do not fit together: say which run
+        raise ConfigError(f"{run_dir}: {err}") from None
+    if "OO" in result["undefined"]:  # no number where the metric does not exist
+        parameter["summary"]["OO"] = None
+        parameter["per_task"]["oo"] = [None] * len(updates)
+        parameter["pairs"]["oo"] = _square(len(updates))
+        for entry in parameter["per_module"].values():
+            entry["oo"] = _square(len(updates))
+    result["parameter"] = parameter
     return result

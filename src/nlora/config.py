@@ -92,8 +92,19 @@ class CoreOptions:
                              "global batch", "int", OPTIMISATION, low=1, high=2**20)
     max_grad_norm: float | None = option(1.0, "clip the gradient norm (0 or null: off)",
                                          "float", OPTIMISATION, low=0, nullable=True)
-    precision: str = option("fp32", "training precision through Accelerate", "str",
-                            OPTIMISATION, choices=PRECISIONS)
+    precision: str = option("fp32", "training precision (torch autocast; weights and optimiser "
+                            "state stay fp32)", "str", OPTIMISATION, choices=PRECISIONS)
+    # The releases average per-GPU / per-micro-batch mean losses (docs/reproduction.md)
+    loss_parts: int = option(1, "the step's loss as the mean of N equal parts' mean losses, as "
+                             "the released code averages its GPUs' and micro-batches' means "
+                             "(release: the script's GPUs x accumulation steps); 1: every answer "
+                             "token of the global batch weighs the same (paper; the result does "
+                             "not depend on the process count)", "int", OPTIMISATION, low=1,
+                             high=2**20)
+    zero_lr_steps: int = option(0, "each task's first N optimiser steps at learning rate 0, "
+                                "Adam's moments still taking their gradients (release: 2, the "
+                                "releases' DeepSpeed WarmupLR); 0: none (paper)", "int",
+                                OPTIMISATION, low=0, high=2**20)
     truncation: str = option("text", "over-long prompts: shorten the example text and keep the "
                              "header, instruction, options and Answer: (text), keep the first "
                              "tokens (head, as the released code) or the last (tail)", "str",
@@ -171,6 +182,9 @@ class Settings:
             value = getattr(self, name)
             coerce(flag_of(name, spec), spec, value)  # of its declared type
             check(name, spec, value, len(self.tasks))
+        if self.batch_size % self.loss_parts:
+            raise ConfigError(f"--loss-parts {self.loss_parts} does not divide --batch-size "
+                              f"{self.batch_size} into equal parts")
         get_method(self.method)
         for method in METHODS.values():  # each method's own cross-option checks
             if "check_options" in vars(method):
@@ -253,12 +267,15 @@ def read_options(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}: malformed YAML{where}") from None
+        raise ConfigError(f"{path} is damaged (malformed YAML{where})") from None
+    except (OSError, RecursionError) as err:
+        why = "nested too deeply" if isinstance(err, RecursionError) else str(err)
+        raise ConfigError(f"{path} is damaged ({why})") from None
     if options is None:
         return {}
     if not isinstance(options, dict):
-        raise ConfigError(f"{path}: expected a mapping of option: value, got "
-                          f"{type(options).__name__}")
+        raise ConfigError(f"{path} is damaged (a YAML {type(options).__name__}, not a mapping "
+                          "of option: value)")
     known = set(FIELDS) | set(EXTRA_OPTIONS)
     for key in options:
         if key not in known:

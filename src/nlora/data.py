@@ -65,7 +65,10 @@ def data_dir_from(option: str | os.PathLike | None) -> Path:
                      SAMPLE_DATA)
             _said_sample = True
         return SAMPLE_DATA
-    path = Path(value).expanduser().resolve()
+    try:
+        path = Path(value).expanduser().resolve()
+    except (OSError, RuntimeError) as err:  # a symlink loop
+        raise DataError(f"data directory {value}: {err}") from None
     if not path.is_dir():
         raise DataError(f"data directory {path} does not exist")
     return path
@@ -132,10 +135,21 @@ def read_instructions(path: str | os.PathLike) -> dict[str, str]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"--instructions {path}: file not found")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))  # YAML reads JSON too
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"--instructions {path}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset "
+            f"{err.start}); save it as UTF-8"
+        ) from None
+    try:
+        data = yaml.safe_load(text)  # YAML reads JSON too
     except yaml.YAMLError as err:
-        raise ConfigError(f"--instructions {path}: not valid JSON or YAML ({err})") from None
+        first = str(err).strip().splitlines()[0]
+        raise ConfigError(f"--instructions {path}: not valid JSON or YAML ({first})") from None
+    except RecursionError:
+        raise ConfigError(f"--instructions {path}: nested too deeply to read") from None
     if not isinstance(data, dict) or not data:
         raise ConfigError(f"--instructions {path}: expected a mapping category -> instruction")
     out = {}
@@ -217,6 +231,9 @@ def _read_json(path: Path) -> object:
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: malformed JSON at line {err.lineno} column {err.colno}") from None
+    except RecursionError:  # e.g. [[[[...]]]] thousands deep: no benchmark file looks so
+        raise DataError(f"{path}: JSON nested too deeply to read (expected a flat list of "
+                        "rows or labels)") from None
 
 
 def read_labels(path: Path) -> list[str]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 
 _MASK64 = (1 << 64) - 1
@@ -62,7 +61,13 @@ class RowKeyedDropout(torch.nn.Module):
             return x
         keys = self.rows.keys
         if keys is None or x.dim() < 2 or len(keys) != x.shape[0]:
-            return F.dropout(x, self.p, training=True)  # called outside the training loop
+            # plain dropout here would make the result depend on the process count again
+            raise RuntimeError(
+                f"row-keyed LoRA dropout #{self.ordinal} got a batch of shape "
+                f"{tuple(x.shape)} but the training loop announced "
+                f"{'no rows' if keys is None else f'{len(keys)} rows'}: a forward pass in "
+                "training mode outside the loop's micro-batches"
+            )
         length = max(self.rows.length, x.shape[1])
         masks = []
         for key in keys:
@@ -87,6 +92,11 @@ def use_row_keyed_dropout(model: torch.nn.Module, rows: RowKeys) -> Callable[[],
             if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0:
                 module.lora_dropout[name] = RowKeyedDropout(dropout.p, ordinal, rows)
                 swapped.append((module.lora_dropout, name, dropout))
+            elif not isinstance(dropout, torch.nn.Dropout | torch.nn.Identity):
+                raise RuntimeError(  # an unknown kind would draw per process, unannounced
+                    f"LoRA dropout of {type(module).__name__} is a "
+                    f"{type(dropout).__name__}, which nlora cannot key by row"
+                )
             ordinal += 1
 
     def undo() -> None:

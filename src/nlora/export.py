@@ -20,25 +20,22 @@ from peft import PeftModel
 from transformers import PreTrainedModel
 
 from nlora.config import RunConfig
-from nlora.data import Task
 from nlora.errors import ConfigError
-from nlora.io import write_dir_atomic
+from nlora.io import prepare_output_folder, write_dir_atomic
+from nlora.load import task_shells
 from nlora.methods import get_method
 from nlora.model import Backbone, load_backbone
-from nlora.rundir import finished_tasks, step_folders
+from nlora.rundir import (
+    finished_tasks,
+    refuse_output_in_run,
+    require_run_dir,
+    restore_step,
+    step_folders,
+)
 
 log = logging.getLogger("nlora")
 
 INFO_FILE = "nlora_export.json"  # where the folder came from (ignored by transformers)
-
-
-def _named_tasks(config: RunConfig) -> list[Task]:
-    """Tasks with their names only: restoring a finished task reads its folder, not data."""
-    tasks = []
-    for name in config.tasks:
-        category, _, dataset = name.partition("/")
-        tasks.append(Task(name=name, category=category, dataset=dataset, labels=[]))
-    return tasks
 
 
 def _merged(model: torch.nn.Module) -> PreTrainedModel:
@@ -62,14 +59,13 @@ def export_model(run_dir: Path | str, out_dir: Path | str) -> list[Path]:
 
     Returns the folders written: ``[out_dir]``, or one per task for a per-task method.
     """
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir} is not an nlora run folder (no config.yaml)")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ConfigError(f"{out_dir} already exists and is not empty; choose another --out")
+    run_dir, out_dir = require_run_dir(run_dir), Path(out_dir)
+    refuse_output_in_run(out_dir, [run_dir])
+    for leftover in prepare_output_folder(out_dir):
+        log.info("removed %s, left by an interrupted export", leftover)
     config = RunConfig.from_yaml(run_dir / "config.yaml")
     method_class = get_method(config.method)
-    tasks = _named_tasks(config)
+    tasks = task_shells(config, run_dir / "config.yaml")
     folders = step_folders(run_dir, tasks, method_class.joint)
     done = finished_tasks(run_dir, tasks, method_class.joint)
     if done == 0:
@@ -82,7 +78,7 @@ def export_model(run_dir: Path | str, out_dir: Path | str) -> list[Path]:
         for i in range(done):
             backbone = load_backbone(config.model)
             method = method_class(config, backbone.is_seq2seq)
-            model = method.restore_task(backbone.model, i, tasks[i], folders[i])
+            model = restore_step(run_dir, method, backbone.model, i, tasks[i], folders[i])
             model = _merged(method.eval_model(model, i))
             target = out_dir / folders[i].name
             _save(model, backbone, target, {**info, "answers_task": tasks[i].name})
@@ -93,7 +89,7 @@ def export_model(run_dir: Path | str, out_dir: Path | str) -> list[Path]:
     method = method_class(config, backbone.is_seq2seq)
     model = backbone.model
     for j in range(done):
-        model = method.restore_task(model, j, tasks[j], folders[j])
+        model = restore_step(run_dir, method, model, j, tasks[j], folders[j])
     model = _merged(method.eval_model(model, done - 1))
     _save(model, backbone, out_dir, {**info, "after": folders[done - 1].name})
     return [out_dir]

@@ -139,12 +139,15 @@ def subspace_use_per_layer(
         xs = sorted(layers)
         use = [float(np.mean([u for u, _ in layers[x]])) for x in xs]
         nuc = [float(np.mean([n for _, n in layers[x]])) for x in xs]
-        rank = run["parameter"]["summary"]["rank"] or 1
+        # this task's factor width bounds its subspace use (2r for SeqLoRA's differences)
+        rank = max((m["rank"][task] for m in per_module.values()
+                    if task < len(m["rank"]) and m["rank"][task] is not None),
+                   default=None) or run["parameter"]["summary"]["rank"] or 1
         ax.bar(xs, use, color=colours[str(run["method"])], alpha=0.75,
                label="normalised ‖ΔW‖*/‖ΔW‖₂")
         if use:
             ax.axhline(float(np.mean(use)), ls="--", color="black", lw=1,
-                       label=f"mean {np.mean(use):.2f} of r={rank}")
+                       label=f"mean {np.mean(use):.2f} of rank ≤ {rank}")
         ax.set_ylim(0, rank * 1.05)
         ax.set_ylabel("subspaces used")
         ax2 = ax.twinx()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -9,6 +10,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from nlora.errors import ConfigError
 
 
 def write_file_atomic(path: Path, write: Callable[[str], None]) -> None:
@@ -53,3 +56,28 @@ def write_dir_atomic(path: Path, fill: Callable[[Path], None]) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _atomic_leftovers(folder: Path, name: str = "*") -> list[Path]:
+    """Temporary folders ``write_dir_atomic`` left in ``folder`` (for ``name``), if killed."""
+    pattern = f".{glob.escape(name) if name != '*' else '*'}.*.tmp"
+    return sorted(p for p in folder.glob(pattern) if p.is_dir() and not p.is_symlink())
+
+
+def prepare_output_folder(out: Path) -> list[Path]:
+    """Make ``out`` ready for ``write_dir_atomic``: refuse a symbolic link, a file or a folder
+    with something in it; first remove the temporary folders an interrupted write into it left
+    (beside it, or inside it for per-task subfolders). Returns what was removed."""
+    out = Path(out)
+    if out.is_symlink():
+        raise ConfigError(f"--out {out} is a symbolic link; give a folder path that is not one")
+    removed = []
+    if out.parent.is_dir():
+        removed += _atomic_leftovers(out.parent, out.name)
+    if out.is_dir():
+        removed += _atomic_leftovers(out)
+    for leftover in removed:
+        shutil.rmtree(leftover)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {out} already exists and is not empty; choose another --out")
+    return removed

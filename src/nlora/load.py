@@ -25,7 +25,7 @@ from nlora.errors import ConfigError
 from nlora.methods import get_method
 from nlora.methods.base import ContinualMethod
 from nlora.model import load_backbone
-from nlora.rundir import finished_tasks, require_run_dir, step_folders
+from nlora.rundir import finished_tasks, require_run_dir, restore_step, step_folders
 
 
 @dataclass
@@ -39,10 +39,17 @@ class LoadedModel:
     is_seq2seq: bool
 
 
-def task_shells(config: RunConfig) -> list[Task]:
-    """The run's tasks by name only (no data is read)."""
-    return [Task(name=n, category=n.split("/")[0], dataset=n.split("/")[-1], labels=[])
-            for n in config.tasks]
+def task_shells(config: RunConfig, source: Path | str = "config.yaml") -> list[Task]:
+    """The run's tasks by name only (no data is read). A name that is not CATEGORY/DATASET
+    (a crafted config.yaml's ``SC/../../x``) would name a folder elsewhere: refused."""
+    tasks = []
+    for name in config.tasks:
+        parts = str(name).split("/")
+        if len(parts) != 2 or any(part in ("", ".", "..") or "\\" in part for part in parts):
+            raise ConfigError(f"{source}: task {name!r} is not CATEGORY/DATASET; a run's task "
+                              "folders are named from it, so nlora reads no such run")
+        tasks.append(Task(name=name, category=parts[0], dataset=parts[1], labels=[]))
+    return tasks
 
 
 def load_model(run_dir: Path | str, task: int | None = None, device: str = "cpu") -> LoadedModel:
@@ -50,7 +57,7 @@ def load_model(run_dir: Path | str, task: int | None = None, device: str = "cpu"
     run_dir = require_run_dir(run_dir)
     config = RunConfig.from_yaml(run_dir / "config.yaml")
     method_class = get_method(config.method)
-    tasks = task_shells(config)
+    tasks = task_shells(config, run_dir / "config.yaml")
     done = finished_tasks(run_dir, tasks, method_class.joint)
     if done == 0:
         raise ConfigError(f"{run_dir} has no finished task yet")
@@ -67,7 +74,7 @@ def load_model(run_dir: Path | str, task: int | None = None, device: str = "cpu"
     folders = step_folders(run_dir, tasks, method.joint)[:task]
     model = backbone.model.to(device)
     for j, folder in enumerate(folders):
-        model = method.restore_task(model, j, tasks[j], folder)
+        model = restore_step(run_dir, method, model, j, tasks[j], folder)
     model = method.eval_model(model, task - 1)  # the adapter answering task T, where per task
     model.eval()
     return LoadedModel(model, backbone.tokenizer, config, method, task, folders,
@@ -109,11 +116,13 @@ def save_model(loaded: LoadedModel, out: Path | str) -> Path:
     """Save the loaded model as a plain Hugging Face model folder (adapters merged)."""
     from peft import PeftModel
 
-    from nlora.io import write_dir_atomic
+    from nlora.io import prepare_output_folder, write_dir_atomic
+    from nlora.rundir import refuse_output_in_run
 
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"--out {out} exists and is not an empty folder")
+    run_dir = loaded.folders[0].parents[1] if loaded.folders else None
+    refuse_output_in_run(out, [run_dir] if run_dir else [])
+    prepare_output_folder(out)
     model = loaded.model
     if isinstance(model, PeftModel):  # seqlora / pertaskft: fold the answering adapter in
         model = model.merge_and_unload(adapter_names=list(model.active_adapters))

@@ -95,23 +95,78 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def load_backbone(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> Backbone:
+def _looks_like_path(name: str) -> bool:
+    """A name that can only mean a folder on disk (a hub id is ``owner/name`` or ``name``)."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and (
+        os.sep in name)
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def locate_model(name: str) -> tuple[str, bool]:
+    """Where ``name``'s files are, and whether to read them from disk only.
+
+    A local folder, or a hub id already in the Hugging Face cache, is read from disk without
+    asking the hub (no retries against an unreachable network). Anything else is asked of the
+    hub once; a name that is neither local nor there fails at once, in one line.
+    """
     path = resolve_model_path(name)
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return str(local), True
+    if _looks_like_path(path) or local.exists():
+        raise ModelError(f"model {name!r} not found: {local} is not a folder (pass a folder "
+                         f"with config.json and safetensors weights, or a hub id)")
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+
     try:
-        config = AutoConfig.from_pretrained(path)
+        cached = try_to_load_from_cache(path, "config.json")
+    except HFValidationError:
+        raise ModelError(f"model {name!r} not found: not a local folder, nor a valid hub id "
+                         "(owner/name)") from None
+    if isinstance(cached, str):
+        return path, True
+    if _hub_offline():
+        raise ModelError(f"model {name!r} not found: not a local folder, not in the Hugging "
+                         "Face cache, and HF_HUB_OFFLINE is set")
+    try:
+        HfApi().model_info(path, timeout=10)
+    except GatedRepoError:
+        return path, False  # exists; loading says what access it needs
+    except RepositoryNotFoundError:
+        raise ModelError(f"model {name!r} not found: not a local folder and not a model on the "
+                         f"Hugging Face hub (default: {DEFAULT_MODEL!r})") from None
+    except Exception as err:  # no network: the hub's client raises its transport's errors
+        raise ModelError(
+            f"model {name!r} not found: not a local folder, not in the Hugging Face cache, and "
+            f"the hub is unreachable ({type(err).__name__}); pass a local folder or use the "
+            f"default {DEFAULT_MODEL!r}"
+        ) from None
+    return path, False
+
+
+def load_backbone(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> Backbone:
+    path, local_only = locate_model(name)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=local_only)
     except (OSError, ValueError) as err:
         raise ModelError(
             f"model {name!r} not found: pass a local folder with config.json and safetensors "
-            f"weights, or use the default {DEFAULT_MODEL!r} (model hubs may be unreachable); "
-            f"{str(err).splitlines()[0]}"
+            f"weights, or use the default {DEFAULT_MODEL!r}; {str(err).splitlines()[0]}"
         ) from None
     is_seq2seq = bool(getattr(config, "is_encoder_decoder", False))
     auto = AutoModelForSeq2SeqLM if is_seq2seq else AutoModelForCausalLM
     try:
-        model = auto.from_pretrained(path, dtype=dtype, use_safetensors=True)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise ModelError(f"cannot load model {name!r}: {str(err).splitlines()[0]}") from None
+        model = auto.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                     local_files_only=local_only)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+    except Exception as err:  # a truncated or foreign weights file raises the reader's own
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ModelError(f"cannot load model {name!r} from {path}: {type(err).__name__}: "
+                         f"{first}") from None
     return Backbone(*prepare(model, tokenizer), is_seq2seq=is_seq2seq, name=name)
 
 

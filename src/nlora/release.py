@@ -38,6 +38,7 @@ class Script:
     epochs: int | tuple[int, ...]
     batch_size: int  # global: per-device x accumulation x GPUs
     grad_accum: int = 1  # the script's gradient_accumulation_steps
+    gpus: int = 1  # GPUs of the script's CUDA_VISIBLE_DEVICES
     precision: str = "fp32"  # T5 configs leave bf16/fp16 "auto" (off); LLaMA's enable bf16
     options: dict[str, Any] = field(default_factory=dict)  # method knobs (λ, penalty forms)
     note: str | None = None
@@ -49,7 +50,9 @@ class Script:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
     def mechanics(self) -> dict[str, Any]:
-        return {"grad_accum": self.grad_accum, "precision": self.precision}
+        # every GPU's micro-batch mean loss weighs the same: GPUs x accumulation steps parts
+        return {"grad_accum": self.grad_accum, "precision": self.precision,
+                "loss_parts": self.gpus * self.grad_accum}
 
 
 # Every released run: what the shared code and the scripts' common flags do.
@@ -72,6 +75,10 @@ COMMON: dict[str, tuple[Any, str]] = {
     "lora_r": (8, "src/run_uie_lora.py: lora_dim 8"),
     "lora_alpha": (32.0, "src/run_uie_lora.py: lora_alpha=32"),
     "lora_dropout": (0.1, "src/run_uie_lora.py: lora_dropout=0.1"),
+    # the DeepSpeed configs' own scheduler overrides --lr_scheduler_type constant: WarmupLR
+    # with warmup_num_steps "auto" (= 0), which DeepSpeed 0.15.4 raises to 2; its log warm-up
+    # sets lr 0 at creation and after the first step, full lr from the third step on
+    "zero_lr_steps": (2, "configs/ds_configs/stage2.config: DeepSpeed WarmupLR"),
 }
 
 # ---------------------------------------------------------------- N-LoRA (PKU-YuanGroup/N-LoRA)
@@ -88,13 +95,13 @@ N_LORA_SCRIPTS: dict[str, Script] = {
     "order6": Script("scripts/order_6.sh", 1e-3, 10, 32, options={**_NL, "l1_lambda": 1.8}),
     # LLaMA-7B: 1 GPU x 6 x 8 steps; 1 x 4 x 8; 4 GPUs x 1 x 8 (CUDA_VISIBLE_DEVICES=0,1,2,3)
     "order1-llama": Script("scripts_llama/order_1.sh", (1e-3, 1e-4, 1e-4, 1e-4), (1, 10, 1, 1),
-                           48, grad_accum=8, precision="bf16",
+                           48, grad_accum=8, gpus=1, precision="bf16",
                            options={**_NL, "l1_lambda": 0.46}),
     "order2-llama": Script("scripts_llama/order_2.sh", (1e-4, 5e-5, 5e-5, 5e-5), (1, 5, 1, 1),
                            32, grad_accum=8, precision="bf16",
                            options={**_NL, "l1_lambda": 0.38}),
     "order3-llama": Script("scripts_llama/order_3.sh", 1e-4, (5, 10, 1, 1), 32, grad_accum=8,
-                           precision="bf16", options={**_NL, "l1_lambda": 0.4}),
+                           gpus=4, precision="bf16", options={**_NL, "l1_lambda": 0.4}),
 }
 N_LORA_NO_ORDER = N_LORA_SCRIPTS["order2"]  # custom --tasks: the standard T5 setting
 
@@ -113,16 +120,16 @@ _BORROWED = (
 )
 # LLaMA-7B: 8 GPUs x 1 row x 8 steps = 64, bf16 (configs/ds_configs/stage2_llama.config)
 _OL_LLAMA = dict(learning_rate=(1e-3, 1e-4, 1e-4, 1e-4), epochs=1, batch_size=64, grad_accum=8,
-                 precision="bf16", options=_OL_STANDARD)
+                 gpus=8, precision="bf16", options=_OL_STANDARD)
 O_LORA_SCRIPTS: dict[str, Script] = {
-    "order1": Script("scripts/order_1.sh", 1e-3, 1, 64, options=_OL_STANDARD),
-    "order2": Script("scripts/order_2.sh", 1e-3, 1, 64, options=_OL_STANDARD),
-    "order3": Script("scripts/order_3.sh", 1e-3, 1, 64, options=_OL_STANDARD),
-    "order4": Script("scripts/long.sh", 1e-3, 1, 64, options=_LONG,
+    "order1": Script("scripts/order_1.sh", 1e-3, 1, 64, gpus=8, options=_OL_STANDARD),
+    "order2": Script("scripts/order_2.sh", 1e-3, 1, 64, gpus=8, options=_OL_STANDARD),
+    "order3": Script("scripts/order_3.sh", 1e-3, 1, 64, gpus=8, options=_OL_STANDARD),
+    "order4": Script("scripts/long.sh", 1e-3, 1, 64, gpus=8, options=_LONG,
                      note=_BORROWED.format(order="order4")),
-    "order5": Script("scripts/long.sh", 1e-3, 1, 64, options=_LONG,
+    "order5": Script("scripts/long.sh", 1e-3, 1, 64, gpus=8, options=_LONG,
                      note=_BORROWED.format(order="order5")),
-    "order6": Script("scripts/long.sh", 1e-3, _LONG_EPOCHS, 64, options=_LONG),
+    "order6": Script("scripts/long.sh", 1e-3, _LONG_EPOCHS, 64, gpus=8, options=_LONG),
     "order1-llama": Script("scripts_llama/order_1.sh", **_OL_LLAMA),
     "order2-llama": Script("scripts_llama/order_2.sh", **_OL_LLAMA),
     "order3-llama": Script("scripts_llama/order_3.sh", **_OL_LLAMA),
@@ -136,7 +143,7 @@ O_LORA_NO_ORDER = O_LORA_SCRIPTS["order1"]  # custom --tasks: the orders 1-3 set
 # SeqFT: only a hyperparameter file of order 1 is released (its code is not).
 SEQFT_SCRIPTS: dict[str, Script] = {
     "order1": Script("logs_and_outputs/order1_seqft/hyparam.sh", (1e-3, 1e-4, 1e-4, 1e-4), 1,
-                     64, grad_accum=4,
+                     64, grad_accum=4, gpus=2,
                      note="SeqFT's code is not released: only this log's hyperparameter file"),
 }
 
@@ -150,7 +157,8 @@ def _baseline(script: Script) -> Script:
     return Script(
         f"{script.source} at λ = 0, one epoch (released icrlora/seqlora logs)",
         script.learning_rate, 1,
-        script.batch_size, script.grad_accum, script.precision, options={}, note=script.note,
+        script.batch_size, script.grad_accum, script.gpus, script.precision, options={},
+        note=script.note,
     )
 
 

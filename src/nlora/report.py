@@ -24,7 +24,7 @@ from nlora.param_metrics import (
     MatrixNorm,
     ThresholdMode,
 )
-from nlora.rundir import load_task_updates, require_run_dir
+from nlora.rundir import load_task_updates, refuse_output_in_run, require_run_dir
 
 
 @dataclass
@@ -127,6 +127,7 @@ def write_report(
     opts = options or ReportOptions()
     runs = [require_run_dir(p) for p in runs]  # only finished tasks are read from each
     out = Path(out)
+    refuse_output_in_run(out, runs)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; the report needs a folder")
     try:
@@ -152,11 +153,15 @@ def write_report(
         f"|x| > {thr}; AWOM uses the {'Frobenius' if opts.awom_norm == 'fro' else 'spectral'} "
         "norm. OO and AWOM are the last task against all earlier ones, summed over modules; "
         "GSR is each task's whole adapter taken as one vector, averaged over tasks (lower = "
-        "sparser); subspace use is ‖ΔW‖\\*/‖ΔW‖₂ ≤ r, averaged over modules and tasks, with "
+        "sparser); subspace use is ‖ΔW‖\\*/‖ΔW‖₂ ≤ rank(ΔW) (≤ r for a fresh adapter per task, "
+        "≤ 2r for SeqLoRA's task t, adapter t minus adapter t-1), averaged over modules and "
+        "tasks, with "
         "the raw nuclear norm ‖ΔW‖\\* beside it. Density and ACR are given at the threshold "
         "and at exactly zero (**exact**: |x| > 0), so exactly sparse updates are judged on "
-        "their true zeros; GSR has no threshold. OO is defined on LoRA factors and shown as – "
-        "for updates saved as sparse deltas (pruned or collision-free runs).",
+        "their true zeros; GSR has no threshold. OO is defined on a task's own LoRA factor A: "
+        "shown as – for updates saved as sparse deltas (pruned or collision-free runs) and as "
+        "n/a for SeqLoRA (task t's update, adapter t minus adapter t-1, has no A of its own) "
+        "and OSF.",
         "",
         "## Summary",
         "",
@@ -238,7 +243,7 @@ def _collision_section(
     module = _pick_module(p["modules"], opts.module)
     if module is None:
         return [f"- collision map skipped: no module matches {opts.module!r}", ""]
-    updates = load_task_updates(r["dir"], cumulative=is_cumulative_adapter(r["method"]))
+    updates = load_task_updates(r["dir"], cumulative=is_cumulative_adapter(r["method_name"]))
     dw_i, dw_j = updates[i][module].delta(), updates[j][module].delta()
     labels = (f"task {i + 1} ({r['tasks'][i].split('/')[-1]})",
               f"task {j + 1} ({r['tasks'][j].split('/')[-1]})")

@@ -27,6 +27,7 @@ import errno
 import fcntl
 import importlib.metadata
 import json
+import math
 import os
 import re
 import shutil
@@ -39,7 +40,7 @@ import yaml
 from nlora.adapters import read_lora_updates
 from nlora.config import RunConfig
 from nlora.data import Task
-from nlora.errors import ConfigError
+from nlora.errors import ConfigError, NloraError
 from nlora.io import write_json_atomic, write_text_atomic
 from nlora.methods.base import ContinualMethod
 from nlora.metrics import summarize
@@ -71,6 +72,104 @@ def step_folders(out_dir: Path, tasks: list[Task], joint: bool = False) -> list[
 
 LOCK = ".nlora.lock"
 LOADS_ON = "loads_on.json"  # in a task's adapter/: what the adapter must be loaded on
+# nlora writes tensors as safetensors only; a pickle file in a run folder was put there by
+# someone else, and unpickling can run code
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a run folder's own files: a damaged or crafted one is a line naming it
+# --------------------------------------------------------------------------------------------
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} is not finite")
+    return value
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number nlora writes")
+
+
+def read_run_json(path: Path) -> dict[str, Any]:
+    """A JSON object nlora wrote into a run folder (done.json, metrics.json). Malformed,
+    truncated, too deeply nested, not an object, or holding NaN or an infinity: a ConfigError
+    naming the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"), parse_float=_finite,
+                          parse_constant=_no_constant)
+    except FileNotFoundError:
+        raise ConfigError(f"{path} is missing") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        why = "nested too deeply" if isinstance(err, RecursionError) else str(err).split("\n")[0]
+        raise ConfigError(f"{path} is damaged ({why})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} is damaged (a JSON {type(data).__name__}, not an object)")
+    return data
+
+
+def read_done(folder: Path) -> dict[str, Any]:
+    """A finished step's done.json, checked: its accuracies (percent per task) and, for a
+    training step, its step count. Damage is one line naming the file and the way out."""
+    path = folder / "done.json"
+    record = read_run_json(path)
+    accuracy = record.get("accuracy")
+    ok = isinstance(accuracy, dict) and all(
+        isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
+        for k, v in accuracy.items())
+    if ok and folder.name != "zero_shot":
+        steps = (record.get("train") or {}).get("steps") if isinstance(
+            record.get("train"), dict) else None
+        ok = isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0
+    if not ok:
+        raise ConfigError(f"{path} is incomplete (no accuracies or step count); delete "
+                          f"{folder} and rerun the run's command to redo that step")
+    return record
+
+
+def inside_run(run_dir: Path, path: Path) -> Path:
+    """``path`` resolved (symlinks followed); a ConfigError if it leads outside ``run_dir``."""
+    try:
+        root, target = Path(run_dir).resolve(strict=True), Path(path).resolve()
+    except (OSError, RuntimeError) as err:  # a symlink loop
+        raise ConfigError(f"cannot read {path}: {err}") from None
+    if not target.is_relative_to(root):
+        raise ConfigError(f"{path} leads outside the run folder {run_dir} (to {target}); "
+                          "nlora reads a run's files from inside it only")
+    return target
+
+
+def check_step_folder(run_dir: Path, folder: Path) -> None:
+    """Refuse a finished step's folder that leads outside the run folder (a symlink, a ``..``
+    in a task name of a crafted config.yaml) or that holds a pickle file."""
+    inside_run(run_dir, folder)
+    for parent, dirs, files in os.walk(folder):  # not into symlinked folders: checked here
+        for name in dirs + files:
+            path = Path(parent) / name
+            if path.is_symlink():
+                inside_run(run_dir, path)
+            if name.endswith(PICKLE_SUFFIXES):
+                raise ConfigError(f"{path} is a pickle file; nlora writes and reads "
+                                  "safetensors only (unpickling can run code)")
+
+
+def restore_step(run_dir: Path, method: Any, model: Any, index: int, task: Task,
+                 folder: Path) -> Any:
+    """``method.restore_task`` for a finished step, after ``check_step_folder``; a damaged
+    file there (truncated, not what the method wrote) is one line naming the folder."""
+    check_step_folder(run_dir, folder)
+    read_done(folder)  # the mark of a finished step, written last: whole, or the step is not
+    try:
+        return method.restore_task(model, index, task, folder)
+    except NloraError:
+        raise
+    except Exception as err:  # any library's error on a damaged file: name the folder
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(f"{folder} is damaged: task {index + 1} cannot be restored "
+                          f"({type(err).__name__}: {first}); delete that folder and rerun "
+                          "the run's command to train the task again") from None
 
 
 def _is_leftover(path: Path) -> bool:
@@ -201,6 +300,27 @@ def require_run_dir(path: Path | str) -> Path:
     return path
 
 
+def _holds_a_run(folder: Path) -> bool:
+    """config.yaml beside what only a run writes (a project's own config.yaml is no run)."""
+    return (folder / "config.yaml").is_file() and (
+        (folder / "tasks").is_dir() or (folder / "metrics.json").is_file())
+
+
+def refuse_output_in_run(out: Path, runs: list[Path]) -> None:
+    """Refuse an output folder (report, export) that is, or is inside, a run folder: one of
+    ``runs`` or any other. Writing there would overwrite or mix with the run's own files."""
+    try:
+        target = Path(out).resolve()
+        roots = [Path(r).resolve() for r in runs]
+    except (OSError, RuntimeError) as err:  # a symlink loop
+        raise ConfigError(f"--out {out}: {err}") from None
+    for folder in (target, *target.parents):
+        if folder in roots or _holds_a_run(folder):
+            where = "is the run folder" if folder == target else "is inside the run folder"
+            raise ConfigError(f"--out {out} {where} {folder}; writing there would overwrite "
+                              "the run's own files: choose a folder outside any run")
+
+
 def finished_tasks(out_dir: Path, tasks: list[Task], joint: bool = False) -> int:
     """How many steps, from the first, have their done.json (the finished prefix)."""
     count = 0
@@ -233,8 +353,11 @@ def collect_metrics(
     last_counts: dict[str, list[int]] = {}
     versions: dict[str, dict[str, str]] = {}
     for j, folder in enumerate(folders[:finished]):
-        record = json.loads((folder / "done.json").read_text(encoding="utf-8"))
+        record = read_done(folder)
         for name, acc in record["accuracy"].items():
+            if name not in names:
+                raise ConfigError(f"{folder / 'done.json'} scores task {name!r}, which the "
+                                  "run does not have")
             matrix[names.index(name)][j] = acc
         last_counts = record.get("counts") or {}
         versions[folder.name] = record.get("versions")
@@ -244,7 +367,7 @@ def collect_metrics(
     }
     zero = zero_shot_folder(out_dir) / "done.json"
     if zero.is_file():
-        record = json.loads(zero.read_text(encoding="utf-8"))
+        record = read_done(zero.parent)
         metrics["zero_shot"] = [record["accuracy"].get(name) for name in names]
         versions = {zero.parent.name: record.get("versions"), **versions}
     metrics["versions"] = versions  # per step: a resume may have run under another stack
@@ -300,15 +423,29 @@ def load_task_updates(
     """
     updates: list[dict[str, TaskUpdate]] = []
     for folder in finished_task_dirs(run_dir):
+        check_step_folder(Path(run_dir), folder)
         adapter = folder / "adapter"
-        if (folder / SPARSE_DELTA_FILE).is_file():
-            updates.append(dict(read_sparse_delta(folder / SPARSE_DELTA_FILE)))
-        elif (adapter / "adapter_model.safetensors").is_file():
-            updates.append(dict(read_lora_updates(adapter)))
-        elif len(named := sorted(adapter.glob("*/adapter_model.safetensors"))) == 1:
-            updates.append(dict(read_lora_updates(named[0].parent)))  # a named adapter
-        else:
-            break
+        try:
+            if (folder / SPARSE_DELTA_FILE).is_file():
+                updates.append(dict(read_sparse_delta(folder / SPARSE_DELTA_FILE)))
+            elif (adapter / "adapter_model.safetensors").is_file():
+                updates.append(dict(read_lora_updates(adapter)))
+            elif len(named := sorted(adapter.glob("*/adapter_model.safetensors"))) == 1:
+                updates.append(dict(read_lora_updates(named[0].parent)))  # a named adapter
+            elif updates:  # the earlier tasks saved one: this one's is missing
+                raise ConfigError(
+                    f"{folder} is finished (done.json) but holds no adapter/"
+                    f"adapter_model.safetensors or {SPARSE_DELTA_FILE}, which tasks before it "
+                    "have; its update cannot be read"
+                )
+            else:  # a method without weight updates (prompts, full fine-tuning)
+                break
+        except NloraError:
+            raise
+        except Exception as err:  # a truncated or foreign file: name it
+            first = (str(err).strip().splitlines() or [""])[0][:200]
+            raise ConfigError(f"{folder}: its saved update cannot be read "
+                              f"({type(err).__name__}: {first})") from None
     if not cumulative:
         return updates
     adapters, updates = updates, updates[:1]
@@ -323,7 +460,52 @@ def read_metrics(run_dir: Path | str) -> dict[str, Any]:
     path = Path(run_dir) / "metrics.json"
     if not path.is_file():
         raise ConfigError(f"{run_dir} has no metrics.json (not an nlora run, or no task done)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return _checked_metrics(path, read_run_json(path))
+
+
+def _number_or_none(value: Any) -> bool:
+    return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
+
+
+def _checked_metrics(path: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+    """metrics.json's fields that reports read, each of the shape nlora writes."""
+    tasks, accuracy = metrics.get("tasks"), metrics.get("accuracy")
+    summary, zero = metrics.get("summary"), metrics.get("zero_shot")
+    problems = []
+    if tasks is not None and not (isinstance(tasks, list)
+                                  and all(isinstance(t, str) for t in tasks)):
+        problems.append("tasks is not a list of names")
+    if accuracy is not None and not (isinstance(accuracy, list) and all(
+            isinstance(row, list) and all(map(_number_or_none, row)) for row in accuracy)):
+        problems.append("accuracy is not a matrix of numbers")
+    if summary is not None and not (isinstance(summary, dict)
+                                    and all(map(_number_or_none, summary.values()))):
+        problems.append("summary is not a mapping of numbers")
+    if zero is not None and not (isinstance(zero, list) and all(map(_number_or_none, zero))):
+        problems.append("zero_shot is not a list of numbers")
+    unseen = metrics.get("unseen")
+    if unseen is not None and not (isinstance(unseen, dict) and all(
+            isinstance(c, list) and all(map(_number_or_none, c)) for c in unseen.values())):
+        problems.append("unseen is not a mapping of accuracy curves")
+    if problems:
+        raise ConfigError(f"{path} is damaged: {'; '.join(problems)}")
+    return metrics
+
+
+def read_config_yaml(path: Path) -> dict[str, Any]:
+    """A run folder's config.yaml as a mapping (empty file: {}); damage is one line."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as err:
+        why = "nested too deeply" if isinstance(err, RecursionError) else \
+            str(err).strip().splitlines()[0]
+        raise ConfigError(f"{path} is damaged ({why})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} is damaged (a YAML {type(data).__name__}, not a mapping of "
+                          "option: value)")
+    return data
 
 
 def load_run_info(run_dir: Path | str) -> dict[str, Any]:
@@ -331,10 +513,11 @@ def load_run_info(run_dir: Path | str) -> dict[str, Any]:
     run_dir = Path(run_dir)
     config: dict[str, Any] = {}
     if (run_dir / "config.yaml").is_file():
-        config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+        config = read_config_yaml(run_dir / "config.yaml")
     metrics: dict[str, Any] = {}
     if (run_dir / "metrics.json").is_file():
-        metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        metrics = _checked_metrics(run_dir / "metrics.json",
+                                   read_run_json(run_dir / "metrics.json"))
     return {"config": config, "metrics": metrics}
 
 

@@ -17,8 +17,10 @@ whole sequence, continuing across tasks and resumes.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -52,7 +54,9 @@ from nlora.rundir import (
     collect_metrics,
     finished_tasks,
     open_run_dir,
+    read_done,
     record_adapter_base,
+    restore_step,
     software_versions,
     step_folders,
     write_record,
@@ -71,8 +75,29 @@ REPORT_TO = ("tensorboard",)  # Accelerate trackers nlora logs to (optional extr
 TRACKER_PROJECT = "tensorboard"  # RUN/tensorboard/ holds the event files
 
 
+class RunLogHandler(logging.FileHandler):
+    """run.log: a write that fails (a full disk) is remembered once, never a traceback per
+    record on the console."""
+
+    failed: OSError | None = None
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        if self.failed is None:
+            error = sys.exc_info()[1]
+            self.failed = error if isinstance(error, OSError) else OSError(str(error))
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """No space (or quota) left: an OSError, or a writer library's error that wraps one."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    return "No space left on device" in text or "StorageFull" in text or (
+        "Disk quota exceeded" in text)
+
+
 def _attach_log_file(out_dir: Path) -> logging.Handler:
-    handler = logging.FileHandler(out_dir / "run.log", encoding="utf-8")
+    handler = RunLogHandler(out_dir / "run.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     for logger in (logging.getLogger("nlora"), step_log):
         logger.addHandler(handler)
@@ -191,7 +216,10 @@ def run(config: RunConfig, out_dir: Path | str, report_to: str | None = None) ->
     Everything is checked (options, processes, data, model, adapter, the folder) before the
     folder is created; the folder is locked while the run uses it.
     """
-    out_dir = Path(out_dir).resolve()
+    try:
+        out_dir = Path(out_dir).resolve()
+    except (OSError, RuntimeError) as err:  # a symlink loop
+        raise ConfigError(f"--out {out_dir}: {err}") from None
     logger = logging.getLogger("nlora")
     level = logger.level
     if not is_main_process():  # the console shows one process's progress
@@ -226,13 +254,25 @@ def run(config: RunConfig, out_dir: Path | str, report_to: str | None = None) ->
     except NloraError as err:
         err.shared = True  # raised alike on every process: the CLI prints it once
         raise
+    except Exception as err:
+        if not is_disk_full(err):
+            raise
+        raise ConfigError(  # finished tasks are on disk; the task in progress starts again
+            f"no space left on the device holding {out_dir}; free some and rerun the same "
+            "command to resume (finished tasks are kept)"
+        ) from None
     finally:
         if report_to and accelerator is not None:
             accelerator.end_training()
         if handler is not None:
             for each in (logger, step_log):
                 each.removeHandler(handler)
-            handler.close()
+            try:
+                handler.close()
+            except OSError:  # flushing onto a full disk
+                handler.failed = handler.failed or OSError("flush failed")
+            if handler.failed is not None and sys.exc_info()[0] is None:
+                log.warning("run.log in %s is incomplete: %s", out_dir, handler.failed)
         if lock is not None:
             lock.release()
         logger.setLevel(level)
@@ -267,10 +307,9 @@ def _run(
     judge = Judge(config, causal=not backbone.is_seq2seq)
     _zero_shot_step(config, out_dir, tasks, model, encoder, accelerator, judge, joint)
     for j in range(done):
-        model = method.restore_task(model, j, tasks[j], folders[j])
+        model = restore_step(out_dir, method, model, j, tasks[j], folders[j])
         log.info("restored task %d/%d %s from %s", j + 1, len(folders), folders[j].name, out_dir)
-        record = json.loads((folders[j] / "done.json").read_text(encoding="utf-8"))
-        global_step += int(record["train"]["steps"])
+        global_step += int(read_done(folders[j])["train"]["steps"])
 
     for j in range(done, len(folders)):
         task, folder = tasks[j], folders[j]
@@ -305,6 +344,8 @@ def _run(
                 max_grad_norm=config.max_grad_norm or None,
                 precision=config.precision,
                 on_step=log_step,
+                loss_parts=config.loss_parts,
+                zero_lr_steps=config.zero_lr_steps,
             )
         except Diverged as err:
             l1 = method.task_info(j).get("l1_lambda", settings.l1_lambda)

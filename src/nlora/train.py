@@ -15,12 +15,26 @@ by one all-reduce per step (no DDP wrapper, so the LM-head-at-answers forward of
 Accelerate and applied. LoRA dropout draws its masks per row (``nlora.dropout``), so the
 result does not depend on the process count either.
 
+Two options reproduce the released code (``--protocol release`` sets them; the paper's
+behaviour is the default): ``loss_parts`` N > 1 splits each global batch into N parts (the
+releases' GPUs x accumulation steps) and takes the mean of the parts' mean losses, so a
+token of a short part weighs more (the rows of part k are rows k, k + N, ... of the batch,
+whatever the number of processes); ``zero_lr_steps`` runs each task's first optimiser steps
+at learning rate 0 (AdamW's moments still take their gradients), as the releases' DeepSpeed
+WarmupLR does.
+
+On a causal model the first micro-batch is run both ways (LM head at the answers and the
+model's own ``model(**batch).loss``); where the two losses differ beyond float tolerance (an
+output transform this module does not know, e.g. Granite's ``logits_scaling``) the task
+trains on the plain forward, and run.log says so.
+
 A step whose loss is not finite, or exceeds ``DIVERGENCE_FACTOR`` times the first step's
 (and twice the loss of a uniform guess over the vocabulary), raises ``Diverged``.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -36,6 +50,8 @@ from nlora.dropout import RowKeys, mix, use_row_keyed_dropout
 from nlora.errors import ConfigError, NloraError
 from nlora.loss import answer_head_forward, supports_answer_head
 from nlora.methods.base import ContinualMethod
+
+log = logging.getLogger("nlora")
 
 DIVERGENCE_FACTOR = 10.0
 ALL_REDUCE_BUCKET = 1 << 24  # gradient entries summed over processes per all-reduce call
@@ -98,6 +114,19 @@ def process_share(
     """This process's micro-batches of a global batch (rows rank, rank + N, ...)."""
     mine = batch[rank::processes]
     return [mine[i : i + micro] for i in range(0, len(mine), micro)]
+
+
+def part_micro_batches(
+    batch: list[int], parts: int, micro: int
+) -> list[tuple[int, list[int]]]:
+    """``loss_parts``: the global batch as ``parts`` parts (rows k, k + parts, ...), each cut
+    into micro-batches of at most ``micro`` rows; (part, rows) of every micro-batch, in order.
+    A part with no rows (a last batch shorter than ``parts``) has no micro-batch."""
+    out = []
+    for k in range(parts):
+        rows = batch[k::parts]
+        out += [(k, rows[i : i + micro]) for i in range(0, len(rows), micro)]
+    return out
 
 
 def answer_tokens(feature: dict[str, list[int]], is_seq2seq: bool) -> int:
@@ -175,6 +204,8 @@ def train_task(
     max_grad_norm: float | None = None,
     precision: str = "fp32",
     on_step: Callable[[StepRecord], None] | None = None,
+    loss_parts: int = 1,
+    zero_lr_steps: int = 0,
 ) -> tuple[torch.nn.Module, TrainResult]:
     world, rank = accelerator.num_processes, accelerator.process_index
     micro = micro_batch_size(batch_size, grad_accum, world)
@@ -193,6 +224,12 @@ def train_task(
         torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
     )
     head_at_answers = not encoder.is_seq2seq and supports_answer_head(model)
+    if head_at_answers:  # the fast loss must be the model's own loss, or it is not used
+        first = global_batches(lengths, batch_size, seed, 0, group_by_length)[0][:micro]
+        sample = method.collate_train([features[i] for i in first])
+        head_at_answers = fast_loss_matches(
+            model, {k: v.to(accelerator.device) for k, v in sample.items()}, accelerator
+        )
     rows = RowKeys(max(lengths))
     undo_dropout = use_row_keyed_dropout(model, rows)
     guard = DivergenceGuard(getattr(getattr(model, "config", None), "vocab_size", None))
@@ -205,9 +242,9 @@ def train_task(
     try:
         for epoch in range(epochs):
             for batch_rows in global_batches(lengths, batch_size, seed, epoch, group_by_length):
-                batch_tokens = sum(tokens[i] for i in batch_rows)
                 sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, penalty
-                for part in process_share(batch_rows, rank, world, micro):
+                for part, weight in _weighted_micro_batches(batch_rows, tokens, rank, world,
+                                                           micro, loss_parts):
                     rows.keys = [mix(seed, epoch, i) for i in part]
                     batch = method.collate_train([features[i] for i in part])
                     batch = {k: v.to(device) for k, v in batch.items()}
@@ -216,7 +253,6 @@ def train_task(
                             answer_head_forward(model, batch) if head_at_answers
                             else model(**batch)
                         )
-                    weight = sum(tokens[i] for i in part) / batch_tokens
                     loss = outputs.loss.float() * weight
                     sums[0] += loss.detach().double()
                     penalty = method.penalty(model, index, batch, outputs)
@@ -229,18 +265,21 @@ def train_task(
                     _sum_over_processes(params, sums)
                 task_loss, penalty_value = sums.tolist()
                 guard.check(steps + 1, task_loss, penalty_value)
+                method.observe_step(index, task_loss)
                 if max_grad_norm:
                     amp.unscale(optimizer)
                     accelerator.clip_grad_norm_(params, max_grad_norm)
+                lr = 0.0 if steps < zero_lr_steps else learning_rate
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
                 amp.step(optimizer)
-                method.after_step(model, index, optimizer)
+                method.after_step(model, index, optimizer)  # sees the step's own rate
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(task_loss)
                 steps += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{task_loss:.3f}", penalty=f"{penalty_value:.3g}")
                 if on_step is not None:
-                    lr = float(optimizer.param_groups[0]["lr"])
                     on_step(StepRecord(steps, task_loss, penalty_value, lr))
     finally:
         bar.close()
@@ -255,6 +294,53 @@ def train_task(
         last_penalty=penalty_value,
     )
     return model, result
+
+
+def _weighted_micro_batches(
+    batch: list[int], tokens: list[int], rank: int, world: int, micro: int, loss_parts: int
+) -> list[tuple[list[int], float]]:
+    """This process's micro-batches of a global batch, each with its weight in the step's loss.
+
+    ``loss_parts`` 1: a micro-batch's share of the global batch's answer tokens, so the step's
+    loss is the mean over every answer token, on any number of processes. N > 1: the mean of
+    N parts' token means (the releases' per-GPU, per-micro-batch means), a micro-batch
+    weighing 1/N times its share of its part's tokens. The weights of all processes sum to 1.
+    """
+    if loss_parts == 1:
+        total = sum(tokens[i] for i in batch)
+        return [(rows, sum(tokens[i] for i in rows) / total)
+                for rows in process_share(batch, rank, world, micro)]
+    pieces = part_micro_batches(batch, loss_parts, micro)
+    parts = {k for k, _ in pieces}
+    part_tokens = {k: sum(tokens[i] for i in batch[k::loss_parts]) for k in parts}
+    return [(rows, sum(tokens[i] for i in rows) / part_tokens[k] / len(parts))
+            for k, rows in pieces[rank::world]]
+
+
+def fast_loss_matches(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], accelerator: Accelerator
+) -> bool:
+    """Whether the LM-head-at-answers loss equals the model's own ``model(**batch).loss`` on
+    ``batch`` (dropout off); if not, one line in the log names the model and both losses."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), accelerator.autocast():
+            fast = float(answer_head_forward(model, batch).loss)
+            plain = float(model(**batch).loss)
+    finally:
+        model.train(was_training)
+    # float32 losses agree to ~1e-6 (summation order); mixed precision rounds logits
+    tolerance = 1e-4 if accelerator.mixed_precision == "no" else 2e-2
+    if math.isclose(fast, plain, rel_tol=tolerance, abs_tol=tolerance):
+        return True
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    log.warning(
+        "%s: the LM-head-at-answers loss (%.6g) differs from the model's own loss (%.6g) on the "
+        "first batch (an output transform nlora does not apply?); training on the plain "
+        "forward", type(inner).__name__, fast, plain,
+    )
+    return False
 
 
 def _sum_over_processes(params: list[torch.nn.Parameter], sums: torch.Tensor) -> None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 
@@ -27,11 +29,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM (a scheduler's or a user's kill): unwinds like Ctrl-C, so the run folder's
+    lock and files are left as a resume expects."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    for noisy in ("transformers", "accelerate", "peft", "httpx", "urllib3"):
+    for noisy in ("transformers", "accelerate", "peft", "httpx", "httpx2", "urllib3",
+                  "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args)
     except NloraError as err:
@@ -44,3 +59,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("nlora: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Terminated:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("nlora: stopped by SIGTERM; rerun the same command to resume (finished tasks "
+                  "are kept)", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

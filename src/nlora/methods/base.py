@@ -104,6 +104,10 @@ class ContinualMethod:
         """An extra loss term added to the task loss at every step (None: nothing)."""
         return None
 
+    def observe_step(self, index: int, task_loss: float) -> None:
+        """The task loss of the optimiser step about to be applied: the training loss itself
+        (the global batch's, weighted as the loop weighs it; the same on every process)."""
+
     def after_step(self, model: torch.nn.Module, index: int, optimizer: Any) -> None:
         """Called once after every optimiser step (not per micro-batch under gradient
         accumulation), e.g. for a proximal update of the trainable parameters."""

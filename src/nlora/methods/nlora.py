@@ -187,13 +187,14 @@ class NLoRA(ContinualMethod):
             return torch.stack([d.abs().sum() for d in deltas]).sum()
         return l1_penalty(model, self.config.l1_on)
 
-    def observe(self, outputs: Any) -> None:
-        """Keep the task loss of the calibration steps of --l1-lambda auto."""
+    def observe_step(self, index: int, task_loss: float) -> None:
+        """Keep the task loss of the calibration steps of --l1-lambda auto: each step's
+        training loss as the loop weighs it, so λ does not depend on how the global batch is
+        split into micro-batches or processes."""
         if self.l1_auto:
-            self.auto_losses.append(float(outputs.loss.detach()))
+            self.auto_losses.append(task_loss)
 
     def penalty(self, model, index, batch, outputs) -> torch.Tensor | None:
-        self.observe(outputs)
         if self.l1_lambda == 0:
             return None
         return self.l1_lambda * self.l1_term(model)
@@ -211,7 +212,7 @@ class NLoRA(ContinualMethod):
     @torch.no_grad()
     def calibrate_l1(self, model: torch.nn.Module, index: int) -> None:
         """λ such that λ·‖ΔW‖₁ = ratio × the mean task loss of the steps so far."""
-        loss = _mean_over_processes(sum(self.auto_losses) / len(self.auto_losses))
+        loss = sum(self.auto_losses) / len(self.auto_losses)
         norm = float(self.l1_term(model))
         self.l1_lambda = self.config.l1_auto_ratio * loss / norm if norm > 0 else 0.0
         self.l1_auto = False
@@ -277,12 +278,3 @@ class NLoRA(ContinualMethod):
             return self._merge_sparse(model, read_sparse_delta(path), index, str(path))
         return load_and_merge(model, folder / "adapter")
 
-
-def _mean_over_processes(value: float) -> float:
-    """The mean of ``value`` over distributed processes (itself on one process), so every
-    process calibrates the same λ."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    torch.distributed.all_reduce(t)
-    return float(t) / torch.distributed.get_world_size()

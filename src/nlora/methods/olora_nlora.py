@@ -24,7 +24,6 @@ class OLoRANLoRA(OLoRA):
     uses_l1 = True
 
     def penalty(self, model, index, batch, outputs) -> torch.Tensor | None:
-        self.observe(outputs)  # --l1-lambda auto calibrates on the task loss
         loss = super().penalty(model, index, batch, outputs)
         if self.l1_lambda:
             loss = loss + self.l1_lambda * l1_penalty(model, self.config.l1_on)

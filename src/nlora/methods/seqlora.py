@@ -24,6 +24,10 @@ class SeqLoRA(ContinualMethod):
     released_scripts = "o-lora-baseline"
     own_schedule = True
     cumulative_adapter = True
+    # Task t's update is adapter_t − adapter_{t-1} = s·[B_t, −B_{t-1}]·[A_t; A_{t-1}]: it has
+    # no A of its own, and OO on the stacked factors counts A_{t-1} against itself (task t-1's
+    # update holds it too), so OO is not defined for it (AWOM, on ΔW, is)
+    undefined_metrics = ("OO",)
 
     def check(self, model: PreTrainedModel) -> None:
         check_adapter(model, self.config, self.is_seq2seq)
