@@ -97,8 +97,9 @@ BAD_OPTIONS = [  # (extra arguments, what the one line must say)
      "named down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"),
     (["--l1-on", "reference"], "--l1-on reference needs square modules"),
     # the tiny model is 32 wide (v_proj 16 x 32): a rank above its modules' is refused
-    (["--lora-r", "100000"], "--lora-r 100000 exceeds the rank base_model.model.model.layers.0"
+    (["--lora-r", "1000"], "--lora-r 1000 exceeds the rank base_model.model.model.layers.0"
      ".self_attn.q_proj can have (32x32, out x in); use at most 32"),
+    (["--lora-r", "100000"], "--lora-r must be a whole number of at least 1 and at most 65536"),
     (["--loss-parts", "3"], "--loss-parts 3 does not divide --batch-size 4"),
 ]
 
