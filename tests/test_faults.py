@@ -579,7 +579,7 @@ def test_a_full_disk_is_one_line_naming_the_folder(tiny_llama_dir, data_dir, tmp
     naming the run folder, no logging tracebacks; task 1 stays finished."""
     import errno
 
-    from nlora import runner
+    from nlora import rundir, runner
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -587,7 +587,7 @@ def test_a_full_disk_is_one_line_naming_the_folder(tiny_llama_dir, data_dir, tmp
     class FullStream:
         write = flush = full
 
-    real_attach, real_write = runner._attach_log_file, runner.write_text_atomic
+    real_attach, real_write = runner._attach_log_file, rundir.write_text_atomic
 
     def attach(out_dir):
         handler = real_attach(out_dir)
@@ -601,7 +601,7 @@ def test_a_full_disk_is_one_line_naming_the_folder(tiny_llama_dir, data_dir, tmp
         return real_write(path, text)
 
     monkeypatch.setattr(runner, "_attach_log_file", attach)
-    monkeypatch.setattr(runner, "write_text_atomic", write)
+    monkeypatch.setattr(rundir, "write_text_atomic", write)  # a step's records
     out = tmp_path / "run"
     assert main(_args(tiny_llama_dir, data_dir, out)) == 2
     err = capsys.readouterr().err

@@ -223,18 +223,18 @@ def train_task(
     optimizer = accelerator.prepare(
         torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
     )
+    amp = MixedPrecision(precision, accelerator.device)
     head_at_answers = not encoder.is_seq2seq and supports_answer_head(model)
     if head_at_answers:  # the fast loss must be the model's own loss, or it is not used
         first = global_batches(lengths, batch_size, seed, 0, group_by_length)[0][:micro]
         sample = method.collate_train([features[i] for i in first])
         head_at_answers = fast_loss_matches(
-            model, {k: v.to(accelerator.device) for k, v in sample.items()}, accelerator
+            model, {k: v.to(accelerator.device) for k, v in sample.items()}, amp
         )
     rows = RowKeys(max(lengths))
     undo_dropout = use_row_keyed_dropout(model, rows)
     guard = DivergenceGuard(getattr(getattr(model, "config", None), "vocab_size", None))
     device = accelerator.device
-    amp = MixedPrecision(precision, device)
     model.train()
     start, losses, penalty_value, steps = time.perf_counter(), [], 0.0, 0
     total = epochs * -(-len(features) // batch_size)
@@ -318,20 +318,20 @@ def _weighted_micro_batches(
 
 
 def fast_loss_matches(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], accelerator: Accelerator
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], amp: MixedPrecision
 ) -> bool:
     """Whether the LM-head-at-answers loss equals the model's own ``model(**batch).loss`` on
     ``batch`` (dropout off); if not, one line in the log names the model and both losses."""
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), accelerator.autocast():
+        with torch.no_grad(), amp.autocast():
             fast = float(answer_head_forward(model, batch).loss)
             plain = float(model(**batch).loss)
     finally:
         model.train(was_training)
     # float32 losses agree to ~1e-6 (summation order); mixed precision rounds logits
-    tolerance = 1e-4 if accelerator.mixed_precision == "no" else 2e-2
+    tolerance = 1e-4 if amp.dtype is None else 2e-2
     if math.isclose(fast, plain, rel_tol=tolerance, abs_tol=tolerance):
         return True
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
