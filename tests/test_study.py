@@ -232,6 +232,7 @@ def _copy_without_final(reference: dict, target: Path, cells: list[str]) -> Path
         shutil.rmtree(folder)
         folder.mkdir(parents=True)
         (folder / "config.yaml").write_text(config)
+        (target / "logs" / (cell.replace("/", "__") + ".log")).unlink()
     shutil.rmtree(target / "report")
     return target
 
@@ -308,10 +309,10 @@ def test_ray_runs_the_cells_on_logical_gpus_and_survives_a_killed_worker(
     index = json.loads((study / "study.json").read_text())
     devices = [index["cells"][c]["cuda_visible_devices"] for c in FINAL[:2]]
     assert sorted(devices) in (["0", "1"], ["0", "0"], ["1", "1"])  # one logical GPU each
-    for c in FINAL[:2]:
-        first = next(x for x in (study / "logs" / (c.replace("/", "__") + ".log"))
-                     .read_text().splitlines() if x.startswith("== "))
-        assert "CUDA_VISIBLE_DEVICES 0," in first or "CUDA_VISIBLE_DEVICES 1," in first
+    for c in FINAL[:2]:  # what the run itself saw, from the cell's log
+        for line in (study / "logs" / (c.replace("/", "__") + ".log")).read_text().splitlines():
+            if line.startswith("== "):
+                assert "CUDA_VISIBLE_DEVICES 0," in line or "CUDA_VISIBLE_DEVICES 1," in line
 
 
 @pytest.mark.slow
@@ -347,3 +348,14 @@ def test_a_missing_extra_names_it(tiny_llama_dir, data_dir, tmp_path, capsys, mo
     with pytest.raises(Exception) as err:
         backends.run_ray([], Resources(), lambda c, r: None)
     assert "pip install 'nlora[ray]'" in str(err.value)
+
+
+@pytest.mark.slow
+def test_report_lists_cells_not_finished(reference_study, tmp_path, capsys):
+    study = _copy_without_final(reference_study, tmp_path / "study", [FINAL[0]])
+    assert main(["study", "report", str(study)]) == 0
+    out = capsys.readouterr().out
+    assert f"- {FINAL[0]}: finished" not in out and FINAL[0] in out.split("not in the table")[1]
+    rows = {(r["metric"], r["method"], r["column"]): r for r in _table(study)}
+    assert rows[("AA", "nlora", "tiny")]["n"] == "1"  # one seed left, said by n
+    assert rows[("AA", "inclora", "tiny")]["n"] == "2"

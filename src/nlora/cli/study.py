@@ -26,6 +26,11 @@ def cmd_study(args: argparse.Namespace) -> int:
                           "STUDY)")
     if args.out is None:
         raise ConfigError("nlora study SPEC.yaml needs --out STUDY (the study folder)")
+    if args.dry_run:
+        from nlora.study.driver import plan_summary
+
+        print("\n".join(plan_summary(args.target[0], args.out)))
+        return 0
     try:
         result = run_study(args.target[0], args.out, backend=args.backend,
                            workers=args.workers, stage=args.stage, ray_address=args.ray_address)
@@ -58,6 +63,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--stage", choices=("tune", "all"), default="all",
                         help="stop after the tune stage and selection.json (tune), or run "
                         "the final cells and the report too (all, default)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the spec and print the cells it plans; run nothing")
     parser.add_argument("--ray-address", default=None,
                         help="Ray cluster to join (default: resources.ray.address in the "
                         "spec, $RAY_ADDRESS, else a local Ray)")

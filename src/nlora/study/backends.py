@@ -53,7 +53,8 @@ def _header(log: Path, env: dict[str, str]) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a", encoding="utf-8") as handle:
         devices = env.get("CUDA_VISIBLE_DEVICES", "(unset)")
-        handle.write(f"== {time.strftime('%Y-%m-%dT%H:%M:%S')} nlora study: pid "
+        # a fresh line: a killed run's last progress bar may have left none
+        handle.write(f"\n== {time.strftime('%Y-%m-%dT%H:%M:%S')} nlora study: pid "
                      f"{os.getpid()} on {socket.gethostname()}, CUDA_VISIBLE_DEVICES "
                      f"{devices}, threads {env.get('OMP_NUM_THREADS', '(unset)')}\n")
 

@@ -23,6 +23,8 @@ from nlora.study.spec import StudySpec, read_spec
 
 log = logging.getLogger("nlora")
 STAGES = ("tune", "all")
+RUN_FIELDS = ("host", "slot", "worker_pid", "cuda_visible_devices", "job_id", "error",
+              "returncode", "started", "ended")
 
 
 class CellsFailed(NloraError):
@@ -62,7 +64,9 @@ def run_cells(cells: list[Cell], index: Index, backend: str, workers: int, spec:
         index.update(cell.id, status="finished" if ok else "failed",
                      returncode=result.get("returncode"), **record)
 
-    for cell in todo:
+    for cell in todo:  # what an earlier attempt recorded no longer describes the cell
+        for key in RUN_FIELDS:
+            index.cells[cell.id].pop(key, None)
         index.update(cell.id, status="pending")
     if backend == "local":
         backends.run_local(todo, workers, spec.resources, done, started)
@@ -78,6 +82,23 @@ def run_cells(cells: list[Cell], index: Index, backend: str, workers: int, spec:
         more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
         raise CellsFailed(f"{len(failed)} {failed[0].stage} cell(s) did not finish: {names}"
                           f"{more}; rerun the same command to resume them")
+
+
+def plan_summary(spec_path: Path | str, out: Path | str) -> list[str]:
+    """What the study would run (``--dry-run``): its cells, stage by stage; creates nothing."""
+    spec = read_spec(spec_path)
+    study = Path(out).resolve()
+    tune = tune_cells(spec, study)
+    finals = len(spec.methods) * len(spec.orders) * len(spec.seeds)
+    lines = [f"study {spec.name}: {len(tune)} tune cells, then {finals} final cells "
+             f"({len(spec.methods)} methods x {len(spec.orders)} orders x {len(spec.seeds)} "
+             "seeds, each at its chosen grid point)"]
+    lines += [f"  {c.id}: {len(c.config.tasks)} tasks" for c in tune]
+    for method in spec.methods:
+        points = method.points()
+        lines.append(f"  final/{method.label}: {len(points)} grid point(s)"
+                     + (" -> chosen on validation" if len(points) > 1 else ""))
+    return lines
 
 
 def run_study(spec_path: Path | str, out: Path | str, backend: str = "local",

@@ -45,12 +45,14 @@ def collect(study: Path) -> tuple[Any, Values, list[dict[str, Any]]]:
     for cell_id, cell in index["cells"].items():
         if cell["stage"] != "final":
             continue
-        if not is_finished(Path(cell["dir"])):
-            missing.append({"cell": cell_id, "status": cell.get("status", "pending"),
-                            "log": cell.get("log")})
+        folder = study / cell_id  # not the recorded path: a study folder may be moved
+        if not is_finished(folder):
+            status = cell.get("status", "pending")  # the folder decides, not the record
+            missing.append({"cell": cell_id, "status": "pending" if status == "finished"
+                            else status, "log": cell.get("log")})
             continue
         values.setdefault(cell["method"], {}).setdefault(cell["order"], {})[cell["seed"]] = (
-            run_metrics(cell["dir"], spec.report_metrics))
+            run_metrics(folder, spec.report_metrics))
     return spec, values, missing
 
 
