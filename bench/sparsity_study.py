@@ -31,7 +31,6 @@ import math
 import os
 import random
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ import yaml
 from nlora.analysis import analyse_run
 from nlora.presets import make_config
 from nlora.rundir import finished_task_dirs
+from nlora.study.stats import mean_interval
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -81,10 +81,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
 QUICK = {"train_per_task": 8, "test_per_task": 8, "epochs": 1, "batch_size": 8,
          "max_source_length": 128}
 
-# two-sided 95 % t quantiles t_{0.975, df}
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-        9: 2.262, 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
-
 # column -> (where in analyse_run's result, label)
 COLUMNS: list[tuple[str, str]] = [
     ("AA", "AA"),
@@ -99,22 +95,13 @@ COLUMNS: list[tuple[str, str]] = [
 ]
 
 
-def t_quantile(df: int) -> float:
-    if df in T975:
-        return T975[df]
-    below = [k for k in T975 if k < df]
-    return T975[max(below)] if df < 30 else 1.96
-
-
 def mean_ci(values: list[float]) -> dict[str, Any]:
-    """Mean and half-width of the 95 % t confidence interval (None where undefined)."""
+    """Mean and half-width of the 95 % t confidence interval (exact t quantile for any df;
+    None where undefined), from nlora's one statistics module."""
     values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return {"mean": None, "ci95": None, "n": 0, "values": []}
-    mean = statistics.fmean(values)
-    ci = (t_quantile(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-          if len(values) > 1 else None)
-    return {"mean": mean, "ci95": ci, "n": len(values), "values": values}
+    interval = mean_interval(values)
+    return {"mean": interval.mean, "ci95": interval.half_width, "n": interval.n,
+            "values": values}
 
 
 def parse_variants(text: str | None) -> dict[str, dict[str, Any]]:

@@ -69,13 +69,11 @@ def _bad_data(root: Path) -> dict[str, Path]:
     return folders
 
 
+EPOCHS_RANGE = "--epochs must be a whole number of at least 1 and at most 100000"
 BAD_OPTIONS = [  # (extra arguments, what the one line must say)
-    (["--epochs", "0"],
-     "--epochs must be a whole number of at least 1 and at most 100000, got 0"),
-    (["--epochs", "-2"],
-     "--epochs must be a whole number of at least 1 and at most 100000, got -2"),
-    (["--epochs", "1,0"],
-     "--epochs must be a whole number of at least 1 and at most 100000, got 0"),
+    (["--epochs", "0"], EPOCHS_RANGE + ", got 0"),
+    (["--epochs", "-2"], EPOCHS_RANGE + ", got -2"),
+    (["--epochs", "1,0"], EPOCHS_RANGE + ", got 0"),
     (["--lr", "0"], "--lr must be a finite number > 0"),
     (["--lr=-1e-3"], "--lr must be a finite number > 0, got -0.001"),
     (["--lr", "nan"], "--lr must be a finite number"),

@@ -33,6 +33,8 @@ _API: dict[str, tuple[str, str]] = {
     "list_tasks": ("nlora.catalog", "list_tasks"),
     "load_task": ("nlora.data", "load_task"),
     "run_demo": ("nlora.demo", "run_demo"),
+    "run_study": ("nlora.study.driver", "run_study"),  # nlora study SPEC --out STUDY
+    "write_study_report": ("nlora.study.report", "write_study_report"),
     "format_demo": ("nlora.demo", "format_demo"),
 }
 

@@ -3,11 +3,13 @@
 Each method gets its own run folder ``OUT/<method>/`` (so a comparison resumes like a run),
 then one table: AA, F.Ra and BWT per method, the best of each column marked with ``*``
 (highest AA, lowest F.Ra, highest BWT), and the time spent training and evaluating.
+
+One seed, one order, in this process: the numbers come from the study machinery's reader
+(``nlora.study.aggregate``); for seeds, orders, a grid and intervals use ``nlora study``.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,19 +17,13 @@ from typing import Any
 from nlora.config import RunConfig
 from nlora.io import write_json_atomic
 from nlora.runner import run
+from nlora.study.aggregate import run_metrics, run_seconds
+
+__all__ = ["compare", "format_comparison", "run_seconds", "COLUMNS"]
 
 # summary key, and which end of it is best; AA_pooled: all final test rows pooled (release)
 COLUMNS = (("AA", max), ("AA_pooled", max), ("F.Ra", min), ("BWT", max))
 HEADERS = {"AA": "AA", "AA_pooled": "pooled", "F.Ra": "F.Ra", "BWT": "BWT"}
-
-
-def run_seconds(run_dir: Path) -> float:
-    """Training plus evaluation time of every finished step (survives resumes)."""
-    total = 0.0
-    for done in sorted(run_dir.glob("tasks/*/done.json")):
-        record = json.loads(done.read_text(encoding="utf-8"))
-        total += record["train"]["seconds"] + record["eval_seconds"]
-    return total
 
 
 def compare(
@@ -39,8 +35,9 @@ def compare(
     rows = []
     for name, config in configs.items():
         run_dir = out / name
-        summary = run(config, run_dir, report_to=report_to).get("summary") or {}
-        rows.append({"method": name, **{k: summary.get(k) for k, _ in COLUMNS},
+        run(config, run_dir, report_to=report_to)
+        values = run_metrics(run_dir, [k for k, _ in COLUMNS])
+        rows.append({"method": name, **values,
                      "seconds": run_seconds(run_dir), "run": str(run_dir)})
     write_json_atomic(out / "compare.json", rows)
     return rows

@@ -114,6 +114,16 @@ class CoreOptions:
                                         EVALUATION, low=1, nullable=True)
     test_per_task: int | None = option(None, "stratified test subsample per task", "int",
                                        EVALUATION, low=1, nullable=True)
+    # Hyperparameters are chosen on rows carved from train.json, never on test.json (in
+    # CL_Benchmark and SuperNI dev.json is test.json): a study's tune stage sets "validation".
+    eval_split: str = option("test", "evaluate on test.json (test), or on a validation split "
+                             "carved from each task's train.json, stratified by label and "
+                             "seeded, which training then never sees (validation; test.json "
+                             "is not opened)", "str", EVALUATION, choices=("test", "validation"))
+    validation_per_task: int | None = option(
+        None, "rows of each task's train.json held out as its validation split with "
+        "--eval-split validation (default: --test-per-task, else 10% of the training rows)",
+        "int", EVALUATION, low=1, nullable=True)
     eval_batch_size: int = option(64, "evaluation batch size", "int", EVALUATION, low=1,
                                   high=2**20)
     eval_on: str = option("seen", "evaluate seen tasks after each task, or all tasks (full "

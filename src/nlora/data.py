@@ -100,6 +100,8 @@ class Task:
     capped: dict[str, tuple[int, int]] = field(default_factory=dict)
     # split -> rows kept although their label is not in labels.json (scored as wrong)
     unlabelled: dict[str, int] = field(default_factory=dict)
+    # set when ``test`` holds a validation split carved from train.json (eval_split)
+    validation: dict[str, object] | None = None
 
 
 def build_prompt(
@@ -301,6 +303,26 @@ def stratified_sample(rows: list[dict[str, str]], n: int | None, seed: int) -> l
     return [rows[i] for i in chosen]
 
 
+# The validation split is the same for every run of a task, whatever its seed: a study's grid
+# points and seeds are all scored on the same rows (paired), and a rerun carves it again.
+VALIDATION_SEED = 0
+
+
+def carve_validation(
+    rows: list[dict[str, str]], size: int, where: str
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """(validation, rest) of a task's training rows: ``size`` rows drawn stratified by label
+    with ``VALIDATION_SEED``, and every other row in its original order."""
+    if size >= len(rows):
+        raise DataError(f"{where}: a validation split of {size} rows leaves none of its "
+                        f"{len(rows)} rows to train on; lower validation_per_task")
+    held = stratified_sample([{**r, "_i": str(i)} for i, r in enumerate(rows)], size,
+                             VALIDATION_SEED)
+    taken = {int(r["_i"]) for r in held}
+    validation = [{"sentence": r["sentence"], "label": r["label"]} for r in held]
+    return validation, [r for i, r in enumerate(rows) if i not in taken]
+
+
 def load_task(
     data_dir: Path,
     name: str,
@@ -310,21 +332,40 @@ def load_task(
     splits: tuple[str, ...] = ("train", "test"),
     instructions: Mapping[str, str] | None = None,
     count_unlabelled: bool = False,
+    eval_split: str = "test",
+    validation_per_task: int | None = None,
 ) -> Task:
     """Load, validate, subsample and prompt one task.
 
     ``instructions``: category -> instruction (default: the paper's). ``count_unlabelled``
     keeps test rows whose label is not in labels.json (counted in ``unlabelled``, not
     ``skipped``).
+
+    ``eval_split="validation"``: ``task.test`` is a validation split carved from train.json
+    (``carve_validation``) and training subsamples only the rest; test.json is never opened.
     """
+    if eval_split not in ("test", "validation"):
+        raise ConfigError(f"eval_split must be test or validation, got {eval_split!r}")
     category, dataset = resolve_task(data_dir, name)
     folder = data_dir / category / dataset
     labels = read_labels(folder / "labels.json")
     task = Task(name=f"{category}/{dataset}", category=category, dataset=dataset, labels=labels)
     sizes = {"train": train_per_task, "test": test_per_task}
+    carved: dict[str, list[dict[str, str]]] = {}
+    if eval_split == "validation" and "test" in splits:
+        rows, skipped = read_split(folder / "train.json", labels)
+        size = validation_per_task or test_per_task or max(1, len(rows) // 10)
+        carved["test"], carved["train"] = carve_validation(rows, size, f"{folder / 'train.json'}")
+        carved["skipped"] = skipped  # type: ignore[assignment]
+        task.validation = {"source": "train.json", "rows": len(carved["test"]),
+                           "seed": VALIDATION_SEED, "stratified": True}
+        sizes["test"] = None  # the validation split is scored whole
     for split in splits:
         keep = count_unlabelled and split == "test"
-        rows, skipped = read_split(folder / f"{split}.json", labels, keep_unlabelled=keep)
+        if carved:
+            rows, skipped = carved[split], carved["skipped"] if split == "train" else 0
+        else:
+            rows, skipped = read_split(folder / f"{split}.json", labels, keep_unlabelled=keep)
         if sizes[split] is not None and sizes[split] > len(rows):
             task.capped[split] = (sizes[split], len(rows))
         rows = stratified_sample(rows, sizes[split], seed)

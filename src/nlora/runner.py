@@ -136,6 +136,7 @@ def load_tasks(config: RunConfig) -> list[Task]:
         load_task(
             Path(config.data_dir), name, config.train_per_task, config.test_per_task,
             config.seed, instructions=instructions, count_unlabelled=config.count_unlabelled,
+            eval_split=config.eval_split, validation_per_task=config.validation_per_task,
         )
         for name in config.tasks
     ]
@@ -144,6 +145,10 @@ def load_tasks(config: RunConfig) -> list[Task]:
 def _log_data_notes(config: RunConfig, tasks: list[Task]) -> None:
     instructions = merged_instructions(config.instructions)
     for task in tasks:
+        if task.validation:
+            log.info("%s: evaluated on %d validation rows carved from train.json (stratified, "
+                     "seed %s), not on test.json", task.name, task.validation["rows"],
+                     task.validation["seed"])
         for split, count in task.skipped.items():
             if count:
                 log.warning(

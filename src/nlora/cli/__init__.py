@@ -12,11 +12,11 @@ import threading
 import time
 from collections.abc import Sequence
 
-from nlora.cli import demo, export, learn, load, report, tasks
+from nlora.cli import demo, export, learn, load, report, study, tasks
 from nlora.errors import NloraError
 
 # each module's register(subparsers) adds its subcommands
-COMMANDS = (demo, learn, tasks, report, export, load)
+COMMANDS = (demo, learn, tasks, report, export, load, study)
 
 
 def build_parser() -> argparse.ArgumentParser:
