@@ -38,7 +38,7 @@ from typing import Any
 import yaml
 
 from nlora.adapters import read_lora_updates
-from nlora.config import RunConfig
+from nlora.config import RunConfig, read_options
 from nlora.data import Task
 from nlora.errors import ConfigError, NloraError
 from nlora.io import write_json_atomic, write_text_atomic
@@ -492,28 +492,12 @@ def _checked_metrics(path: Path, metrics: dict[str, Any]) -> dict[str, Any]:
     return metrics
 
 
-def read_config_yaml(path: Path) -> dict[str, Any]:
-    """A run folder's config.yaml as a mapping (empty file: {}); damage is one line."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as err:
-        why = "nested too deeply" if isinstance(err, RecursionError) else \
-            str(err).strip().splitlines()[0]
-        raise ConfigError(f"{path} is damaged ({why})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} is damaged (a YAML {type(data).__name__}, not a mapping of "
-                          "option: value)")
-    return data
-
-
 def load_run_info(run_dir: Path | str) -> dict[str, Any]:
     """config.yaml and metrics.json of a run folder, as plain dicts (empty where absent)."""
     run_dir = Path(run_dir)
     config: dict[str, Any] = {}
     if (run_dir / "config.yaml").is_file():
-        config = read_config_yaml(run_dir / "config.yaml")
+        config = read_options(run_dir / "config.yaml")  # the one reader of config files
     metrics: dict[str, Any] = {}
     if (run_dir / "metrics.json").is_file():
         metrics = _checked_metrics(run_dir / "metrics.json",
