@@ -179,11 +179,10 @@ def check(name: str, spec: Spec, value: Any, tasks: int) -> None:
         if spec.nullable:
             return
         raise ConfigError(f"{flag} needs a value")
-    values = value if isinstance(value, list) and spec.kind not in ("names", "floats") else [value]
     if isinstance(value, list) and spec.per_task and len(value) != tasks:
         raise ConfigError(f"{flag} lists {len(value)} values for {tasks} tasks")
-    if spec.kind == "floats":
-        values = value
+    # each value on its own: per-task lists and "floats" lists; a "names" list is one value
+    values = value if isinstance(value, list) and spec.kind != "names" else [value]
     for each in values:
         if spec.words and each in spec.words:
             continue
