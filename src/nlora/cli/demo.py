@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nlora.cli.learn import _names
+from nlora.cli.learn import _names, add_report_to
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -33,6 +33,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", dest="data_dir", metavar="DIR",
                         help="CL_Benchmark folder (default: $NLORA_DATA, else the sample "
                         f"shipped with nlora); tasks {','.join(DEMO_OPTIONS['tasks'])}")
-    parser.add_argument("--report-to", choices=["tensorboard"], default=None,
-                        help="also log the curves to TensorBoard (RUN/tensorboard)")
+    add_report_to(parser)
     parser.set_defaults(func=cmd_demo)

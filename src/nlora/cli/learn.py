@@ -24,6 +24,7 @@ from nlora.errors import ConfigError
 from nlora.options import add_arguments
 from nlora.orders import ORDERS
 from nlora.presets import combine_options, make_config
+from nlora.tracking import REPORT_TO
 
 
 def _names(text: str) -> list[str]:
@@ -96,10 +97,11 @@ def cmd_orders(args: argparse.Namespace) -> int:
 
 
 def add_report_to(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--report-to", choices=["tensorboard"],
+    parser.add_argument("--report-to", choices=REPORT_TO,
                         help="also log loss, penalty, learning rate per step and accuracies to "
-                        "TensorBoard in RUN/tensorboard (pip install 'nlora[tensorboard]'); "
-                        "run.log always keeps them as text")
+                        "TensorBoard (RUN/tensorboard) or Weights & Biases (offline in "
+                        "RUN/wandb unless WANDB_MODE=online); pip install 'nlora[tensorboard]' "
+                        "or 'nlora[wandb]'; run.log always keeps them as text")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

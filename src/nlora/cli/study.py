@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from nlora.errors import ConfigError
+from nlora.tracking import REPORT_TO
 
 
 def cmd_study(args: argparse.Namespace) -> int:
@@ -33,7 +34,8 @@ def cmd_study(args: argparse.Namespace) -> int:
         return 0
     try:
         result = run_study(args.target[0], args.out, backend=args.backend,
-                           workers=args.workers, stage=args.stage, ray_address=args.ray_address)
+                           workers=args.workers, stage=args.stage, ray_address=args.ray_address,
+                           report_to=args.report_to)
     except CellsFailed as err:
         print(f"nlora: {err}")
         return 1
@@ -68,4 +70,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--ray-address", default=None,
                         help="Ray cluster to join (default: resources.ray.address in the "
                         "spec, $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--report-to", choices=REPORT_TO, default=None,
+                        help="every cell also logs its curves to TensorBoard (CELL/tensorboard) "
+                        "or Weights & Biases (offline in CELL/wandb unless WANDB_MODE=online; "
+                        "W&B run = cell, group = the spec's name)")
     parser.set_defaults(func=cmd_study)

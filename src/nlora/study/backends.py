@@ -135,7 +135,7 @@ def run_local(cells: list[Cell], workers: int, resources: Resources, done: Done,
             for slot in slots:
                 if slot.process is None and queue:
                     cell = queue.pop(0)
-                    env = _env(slot.env)
+                    env = _env({**slot.env, **cell.env()})
                     _header(cell.log, env)
                     slot.handle = open(cell.log, "a", encoding="utf-8")  # noqa: SIM115
                     slot.cell, slot.started = cell, time.time()
@@ -195,7 +195,8 @@ def run_ray(cells: list[Cell], resources: Resources, done: Done, address: str | 
     task = ray.remote(num_gpus=resources.gpus_per_run, num_cpus=resources.cpus_per_run,
                       max_retries=resources.retries)(run_cell)
     pending = {task.remote(cell.argv(), str(cell.log),
-                           {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}): cell
+                           {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+                            **cell.env()}): cell
                for cell in cells}
     bar = tqdm(total=len(cells), desc="cells", unit="cell")
     try:
@@ -246,7 +247,7 @@ def run_slurm(cells: list[Cell], resources: Resources, done: Done, folder: Path)
     threads = str(max(1, int(resources.cpus_per_run)))
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     jobs = executor.map_array(run_cell, [c.argv() for c in cells], [str(c.log) for c in cells],
-                              [env] * len(cells))
+                              [{**env, **c.env()} for c in cells])
     pending = dict(zip(jobs, cells, strict=True))
     bar = tqdm(total=len(cells), desc="cells", unit="cell")
     try:

@@ -20,6 +20,7 @@ from nlora.study import backends
 from nlora.study.plan import Cell, Index, final_cells, is_finished, tune_cells
 from nlora.study.select import select
 from nlora.study.spec import StudySpec, read_spec
+from nlora.tracking import check_report_to
 
 log = logging.getLogger("nlora")
 STAGES = ("tune", "all")
@@ -102,9 +103,12 @@ def plan_summary(spec_path: Path | str, out: Path | str) -> list[str]:
 
 
 def run_study(spec_path: Path | str, out: Path | str, backend: str = "local",
-              workers: int = 1, stage: str = "all", ray_address: str | None = None
-              ) -> dict[str, Any]:
-    """Run (or resume) the study of ``spec_path`` in ``out``; returns the report's tables."""
+              workers: int = 1, stage: str = "all", ray_address: str | None = None,
+              report_to: str | None = None) -> dict[str, Any]:
+    """Run (or resume) the study of ``spec_path`` in ``out``; returns the report's tables.
+
+    ``report_to``: a tracker every cell also logs to (``nlora.tracking``; for W&B: run = cell,
+    group = the spec's name)."""
     if backend not in backends.BACKENDS:
         raise ConfigError(f"--backend must be one of {', '.join(backends.BACKENDS)}, "
                           f"got {backend!r}")
@@ -112,6 +116,7 @@ def run_study(spec_path: Path | str, out: Path | str, backend: str = "local",
         raise ConfigError(f"--workers must be at least 1, got {workers}")
     if stage not in STAGES:
         raise ConfigError(f"--stage must be one of {', '.join(STAGES)}, got {stage!r}")
+    check_report_to(report_to)  # here, not in every cell's log
     spec = read_spec(spec_path)  # everything checked before anything runs
     study = Path(out).resolve()
     if study.exists() and not study.is_dir():
@@ -121,7 +126,7 @@ def run_study(spec_path: Path | str, out: Path | str, backend: str = "local",
     fd = _lock(study)
     try:
         index = Index(study)
-        tune = tune_cells(spec, study)
+        tune = tune_cells(spec, study, report_to)
         index.check_against(tune)
         index.check_removed("tune", tune)
         shutil.copyfile(spec.path, study / "spec.yaml")  # the spec of the latest invocation
@@ -131,7 +136,7 @@ def run_study(spec_path: Path | str, out: Path | str, backend: str = "local",
         chosen = select(spec, tune, study)
         if stage == "tune":
             return {}
-        final = final_cells(spec, study, chosen)
+        final = final_cells(spec, study, chosen, report_to)
         index.check_against(final)
         index.check_removed("final", final)
         index.add(final)

@@ -38,6 +38,8 @@ class Cell:
     point: dict[str, Any]
     config: RunConfig
     study: Path
+    report_to: str | None = None  # a tracker each run also logs to (nlora.tracking)
+    group: str = ""  # the study's name: the tracker's group
 
     @property
     def id(self) -> str:
@@ -56,7 +58,15 @@ class Cell:
 
     def argv(self) -> list[str]:
         """The command that runs (or resumes) this cell: an ordinary ``nlora run``."""
-        return ["run", "--config", str(self.dir / "config.yaml"), "--out", str(self.dir)]
+        tracker = ["--report-to", self.report_to] if self.report_to else []
+        return ["run", "--config", str(self.dir / "config.yaml"), "--out", str(self.dir),
+                *tracker]
+
+    def env(self) -> dict[str, str]:
+        """Environment for its run: the W&B run's name and group (the tracker reads them)."""
+        if self.report_to != "wandb":
+            return {}
+        return {"WANDB_NAME": self.id, "WANDB_RUN_GROUP": self.group}
 
     def record(self) -> dict[str, Any]:
         return {"stage": self.stage, "method": self.label, "order": self.order,
@@ -83,14 +93,14 @@ def _plain(value: Any) -> Any:
 
 
 def make_cell(spec: StudySpec, study: Path, stage: str, label: str, order: str, seed: int,
-              point: dict[str, Any]) -> Cell:
+              point: dict[str, Any], report_to: str | None = None) -> Cell:
     from nlora.presets import make_config
 
     config = make_config(**cell_options(spec, label, order, seed, point, stage == "tune"))
-    return Cell(stage, label, order, seed, point, config, study)
+    return Cell(stage, label, order, seed, point, config, study, report_to, spec.name)
 
 
-def tune_cells(spec: StudySpec, study: Path) -> list[Cell]:
+def tune_cells(spec: StudySpec, study: Path, report_to: str | None = None) -> list[Cell]:
     """Every grid point of every method with more than one, on the selection's seeds and
     orders (a method with one point needs no tuning)."""
     cells = []
@@ -101,13 +111,15 @@ def tune_cells(spec: StudySpec, study: Path) -> list[Cell]:
         for order in spec.select_orders:
             for point in points:
                 for seed in spec.select_seeds:
-                    cells.append(make_cell(spec, study, "tune", method.label, order, seed, point))
+                    cells.append(make_cell(spec, study, "tune", method.label, order, seed, point,
+                                           report_to))
     return cells
 
 
-def final_cells(spec: StudySpec, study: Path, chosen: dict[str, dict[str, Any]]) -> list[Cell]:
+def final_cells(spec: StudySpec, study: Path, chosen: dict[str, dict[str, Any]],
+                report_to: str | None = None) -> list[Cell]:
     """Each method at its chosen point (``chosen[label]``) on every order and seed, on test."""
-    return [make_cell(spec, study, "final", m.label, o.name, seed, chosen[m.label])
+    return [make_cell(spec, study, "final", m.label, o.name, seed, chosen[m.label], report_to)
             for m in spec.methods for o in spec.orders for seed in spec.seeds]
 
 
