@@ -35,7 +35,8 @@ def spec_dict(model: Path, data: Path) -> dict:
         "orders": [{"tiny": TASKS}],
         "seeds": [1, 2],
         "select": {"metric": "AA", "validation_per_task": 4, "seeds": [1]},
-        "report": {"reference": "inclora", "metrics": ["AA", "F.Ra", "BWT", "FWT"]},
+        "report": {"reference": "inclora",
+                   "metrics": ["AA", "F.Ra", "BWT", "FWT", "density_exact", "minutes"]},
         "resources": {"retries": 2},
     }
 
@@ -98,6 +99,10 @@ def test_shipped_specs_parse(tmp_path):
     for name in ("table1.yaml", "table4.yaml"):  # the full data may be absent here
         spec = read_spec(root / name, check=False)
         assert [o.name for o in spec.orders][:3] == ["order1", "order2", "order3"]
+    sparsity = read_spec(root / "sparsity.yaml", check=False)  # the retired bench loop's study
+    assert len(sparsity.methods) == 8 and sparsity.seeds == [1, 2, 3]
+    sweep = read_spec(root / "lambda_sweep.yaml", check=False)
+    assert [len(m.points()) for m in sweep.methods] == [4, 1]  # λ chosen on validation
 
 
 def test_the_validation_split_never_opens_test_json(data_dir, monkeypatch):
@@ -198,13 +203,21 @@ def test_study_selects_on_validation_and_tables_match_hand_computed_values(refer
         # FWT by hand: accuracy on task 2 just before training it, minus the zero-shot one
         fwt = [m["accuracy"][1][0] - m["zero_shot"][1] for m in metrics]
         assert float(table[("FWT", method, "tiny")]["mean"]) == pytest.approx(sum(fwt) / 2)
+        # minutes: each finished task's training plus evaluation seconds, from done.json
+        minutes = [sum(d["train"]["seconds"] + d["eval_seconds"] for d in (
+            json.loads(p.read_text()) for p in study.glob(f"final/{method}/tiny/seed{s}/tasks/"
+                                                          "*/done.json"))) / 60 for s in (1, 2)]
+        assert float(table[("minutes", method, "tiny")]["mean"]) == pytest.approx(
+            sum(minutes) / 2)
+    # a plain LoRA update B·A has no exact zeros (random A, trained B): density 100 %
+    assert float(table[("density_exact", "inclora", "tiny")]["mean"]) == pytest.approx(100.0)
     ours = [m["summary"]["AA"] for m in _final_metrics(study, "nlora")]
     ref = [m["summary"]["AA"] for m in _final_metrics(study, "inclora")]
     diff = table[("AA", "nlora - inclora", "tiny")]
     assert float(diff["mean"]) == pytest.approx((ours[0] - ref[0] + ours[1] - ref[1]) / 2)
     markdown = (study / "report" / "table.md").read_text()
     assert "95 % Student t interval" in markdown and "none: every final cell finished" in markdown
-    assert (study / "report" / "table.tex").read_text().count("\\begin{tabular}") == 4
+    assert (study / "report" / "table.tex").read_text().count("\\begin{tabular}") == 6
     assert (study / "report" / "means.png").stat().st_size > 1000
     # a cell reruns alone as an ordinary run: nothing left to train
     cell = study / "final/nlora/tiny/seed1"

@@ -16,13 +16,16 @@ ACCURACY_METRICS = ("AA", "AA_pooled", "F.Ra", "BWT", "FWT")
 def run_metrics(run_dir: Path | str, names: Sequence[str] = ACCURACY_METRICS
                 ) -> dict[str, float | None]:
     """The metrics ``names`` of a finished run folder (None where undefined, e.g. F.Ra of a
-    joint method, FWT without the zero-shot row, ACR without adapters)."""
+    joint method, FWT without the zero-shot row, ACR without adapters); ``minutes``: training
+    plus evaluation time."""
     run_dir = Path(run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     summary = metrics.get("summary") or {}
     out: dict[str, float | None] = {}
     for name in names:
-        if name == "FWT":
+        if name == "minutes":
+            out[name] = run_seconds(run_dir) / 60
+        elif name == "FWT":
             zero = metrics.get("zero_shot")
             out[name] = forward_transfer(metrics["accuracy"], zero) if zero else None
         elif name not in PARAMETER_METRICS:
@@ -35,7 +38,7 @@ def run_metrics(run_dir: Path | str, names: Sequence[str] = ACCURACY_METRICS
         summary_p = (parameter or {}).get("summary") or {}
         for name in wanted:  # ACR and density as percentages, as the tables print them
             value = summary_p.get(name)
-            scale = 100.0 if name in ("ACR", "density") else 1.0
+            scale = 100.0 if name.startswith(("ACR", "density")) else 1.0
             out[name] = None if value is None or value != value else value * scale
     return out
 

@@ -107,8 +107,9 @@ def markdown(spec: Any, result: dict[str, Any], missing: list[dict[str, Any]]) -
     cols = result["columns"]
     lines = [f"# Study {spec.name}", "", CAPTION, ""]
     for metric in spec.report_metrics:
-        better = "higher" if METRICS[metric] == "max" else "lower"
-        lines += [f"## {metric} ({better} is better)", "",
+        better = {"max": " (higher is better)", "min": " (lower is better)", "": ""}[
+            METRICS[metric]]
+        lines += [f"## {metric}{better}", "",
                   "| method | " + " | ".join(cols) + " | n |",
                   "|---|" + "---:|" * len(cols) + "---:|"]
         for method in spec.methods:

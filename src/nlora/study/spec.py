@@ -33,10 +33,16 @@ from nlora.errors import ConfigError, NloraError
 from nlora.methods import METHODS
 from nlora.orders import ORDERS, get_order
 
-# metric -> which end is better (selection), as printed
-METRICS: dict[str, str] = {"AA": "max", "AA_pooled": "max", "F.Ra": "min", "BWT": "max",
-                           "FWT": "max", "ACR": "min", "density": "min", "OO": "min"}
-PARAMETER_METRICS = ("ACR", "density", "OO")  # from the saved adapters (nlora.analysis)
+# metric -> which end is better (selection), as printed; "" where neither end is (a measure)
+METRICS: dict[str, str] = {
+    "AA": "max", "AA_pooled": "max", "F.Ra": "min", "BWT": "max", "FWT": "max",
+    "ACR": "min", "ACR_exact": "min", "density": "min", "density_exact": "min", "OO": "min",
+    "subspace_use": "", "minutes": "min",
+}
+# from the saved adapters (nlora.analysis); ACR and density at 1 % of each matrix's max and
+# at exactly zero (_exact); subspace_use: Σσ/σ_max of ΔW (docs/metrics.md)
+PARAMETER_METRICS = ("ACR", "ACR_exact", "density", "density_exact", "OO", "subspace_use")
+SELECTABLE = ("AA", "AA_pooled", "F.Ra", "BWT", "FWT")  # scored on validation rows
 # set by the study itself for each cell, never by the spec's options
 STUDY_KEYS = ("method", "order", "tasks", "seed", "eval_split", "validation_per_task")
 TOP = ("name", "options", "methods", "orders", "seeds", "select", "report", "resources")
@@ -245,8 +251,7 @@ def read_spec(path: str | Path, check: bool = True) -> StudySpec:
         raise _fail(path, f"select.{extra[0]}", "unknown key (metric, validation_per_task, "
                     "seeds, orders)")
     metric = str(select.get("metric", "AA"))
-    _known(path, "select.metric", metric, [m for m in METRICS if m not in PARAMETER_METRICS],
-           "metric")
+    _known(path, "select.metric", metric, list(SELECTABLE), "metric")
     vpt = select.get("validation_per_task")
     if vpt is not None and (not isinstance(vpt, int) or isinstance(vpt, bool) or vpt < 1):
         raise _fail(path, "select.validation_per_task", f"expected a whole number >= 1, "
