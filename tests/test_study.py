@@ -235,6 +235,26 @@ def test_a_spec_may_only_add_cells(reference_study, tmp_path):
     assert "may only add cells" in result.stderr and "epochs" in result.stderr
 
 
+@pytest.mark.slow
+def test_a_pack_reports_alone_and_a_copy_of_it_continues_the_study(reference_study, tmp_path):
+    """A study packed without weights (to commit between sittings) gives the same table, and
+    the study command on a copy of the pack runs only the cells the pack lacks."""
+    pack = tmp_path / "pack"
+    assert main(["study", "pack", str(reference_study["study"]), "--out", str(pack)]) == 0
+    assert not list(pack.rglob("*.safetensors")) and not list(pack.rglob("predictions*"))
+    assert main(["study", "report", str(pack)]) == 0
+    assert _table(pack) == _table(reference_study["study"])
+
+    copy = tmp_path / "copy"
+    shutil.copytree(pack, copy)
+    shutil.rmtree(copy / "final/inclora/tiny/seed2")  # a cell that had not finished
+    result = cli("study", str(reference_study["spec"]), "--out", str(copy))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [p.name for p in (copy / "logs").iterdir()] == ["final__inclora__tiny__seed2.log"]
+    untimed = [r for r in _table(reference_study["study"]) if r["metric"] != "minutes"]
+    assert [r for r in _table(copy) if r["metric"] != "minutes"] == untimed
+
+
 def _copy_without_final(reference: dict, target: Path, cells: list[str]) -> Path:
     """The reference study with some final cells emptied to their config.yaml: rerunning
     the study must reproduce them."""

@@ -22,6 +22,16 @@ def cmd_study(args: argparse.Namespace) -> int:
         print(f"nlora study report: wrote {result['folder']}/table.md, table.csv, table.tex, "
               "means.png")
         return 0
+    if args.target[0] == "pack":
+        from nlora.study.pack import pack_study
+
+        if len(args.target) != 2 or args.out is None:
+            raise ConfigError("usage: nlora study pack STUDY --out DIR")
+        packed = pack_study(Path(args.target[1]), args.out)
+        print(f"nlora study pack: {len(packed['packed'])} finished cells "
+              f"({packed['bytes'] / 1e6:.1f} MB) in {packed['folder']}; "
+              f"{len(packed['left_out'])} unfinished left out")
+        return 0
     if len(args.target) != 1:
         raise ConfigError("usage: nlora study SPEC.yaml --out STUDY (or: nlora study report "
                           "STUDY)")
@@ -52,9 +62,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "study", help="run a study (methods x orders x seeds x grid) from a YAML spec, or "
         "'nlora study report STUDY'",
         description="Run a study from SPEC.yaml in --out STUDY (resumable: the same command "
-        "continues it), or write its tables again: nlora study report STUDY.")
-    parser.add_argument("target", nargs="+", metavar="SPEC.yaml | report STUDY")
-    parser.add_argument("--out", type=Path, help="study folder (resumes if present)")
+        "continues it), write its tables again (nlora study report STUDY), or copy its "
+        "numbers without weights, to commit or carry (nlora study pack STUDY --out DIR).")
+    parser.add_argument("target", nargs="+", metavar="SPEC.yaml | report STUDY | pack STUDY")
+    parser.add_argument("--out", type=Path, help="study folder (resumes if present); for "
+                        "pack: the folder the numbers are copied to")
     parser.add_argument("--backend", choices=("local", "ray", "slurm"), default="local",
                         help="local: N worker slots on this machine; ray: Ray core tasks "
                         "(pip install 'nlora[ray]'); slurm: one submitit job array (pip "

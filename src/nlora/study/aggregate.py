@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from nlora.io import write_json_atomic
 from nlora.metrics import forward_transfer
 from nlora.study.spec import PARAMETER_METRICS
 
 ACCURACY_METRICS = ("AA", "AA_pooled", "F.Ra", "BWT", "FWT")
+PARAMETERS = "parameters.json"
 
 
 def run_metrics(run_dir: Path | str, names: Sequence[str] = ACCURACY_METRICS
@@ -32,15 +35,30 @@ def run_metrics(run_dir: Path | str, names: Sequence[str] = ACCURACY_METRICS
             out[name] = summary.get(name)
     wanted = [n for n in names if n in PARAMETER_METRICS]
     if wanted:
-        from nlora.analysis import analyse_run
-
-        parameter = analyse_run(run_dir, progress=False).get("parameter")
-        summary_p = (parameter or {}).get("summary") or {}
+        summary_p = parameter_summary(run_dir)
         for name in wanted:  # ACR and density as percentages, as the tables print them
             value = summary_p.get(name)
             scale = 100.0 if name.startswith(("ACR", "density")) else 1.0
             out[name] = None if value is None or value != value else value * scale
     return out
+
+
+def parameter_summary(run_dir: Path) -> dict[str, Any]:
+    """The run's parameter-space summary (ACR, density, OO, ... at the default threshold),
+    computed from its adapters once and kept in ``RUN/parameters.json``: a study packed
+    without adapters (``nlora study pack``) still reports it."""
+    cache = run_dir / PARAMETERS
+    if cache.is_file():
+        return json.loads(cache.read_text(encoding="utf-8"))["summary"]
+    from nlora.analysis import analyse_run
+
+    parameter = analyse_run(run_dir, progress=False).get("parameter")
+    summary = (parameter or {}).get("summary") or {}
+    summary = {k: None if isinstance(v, float) and math.isnan(v) else v  # undefined: null
+               for k, v in summary.items()}
+    record = {"summary": summary, "threshold": (parameter or {}).get("threshold")}
+    write_json_atomic(cache, record)
+    return summary
 
 
 def run_seconds(run_dir: Path | str) -> float:
