@@ -23,7 +23,7 @@ from nlora.options import check, coerce, flag_of, option, specs
 from nlora.orders import ORDERS
 from nlora.scoring import SCORERS
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 # "paper": the paper's equations where it is explicit; "release": every choice as the released
 # O-LoRA / N-LoRA code makes it (nlora.release, docs/reproduction.md).
 PROTOCOLS = ("paper", "release")
@@ -92,8 +92,11 @@ class CoreOptions:
                              "global batch", "int", OPTIMISATION, low=1, high=2**20)
     max_grad_norm: float | None = option(1.0, "clip the gradient norm (0 or null: off)",
                                          "float", OPTIMISATION, low=0, nullable=True)
-    precision: str = option("fp32", "training precision (torch autocast; weights and optimiser "
-                            "state stay fp32)", "str", OPTIMISATION, choices=PRECISIONS)
+    precision: str = option("fp32", "training precision: bf16/fp16 through torch autocast "
+                            "(weights and optimiser state stay fp32); auto: bf16 where the "
+                            "hardware multiplies bf16 natively (AMX, AVX512-BF16, CUDA >= 8.0), "
+                            "else fp32; the run log says which", "str", OPTIMISATION,
+                            choices=PRECISIONS)
     # The releases average per-GPU / per-micro-batch mean losses (docs/reproduction.md)
     loss_parts: int = option(1, "the step's loss as the mean of N equal parts' mean losses, as "
                              "the released code averages its GPUs' and micro-batches' means "

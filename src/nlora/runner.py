@@ -45,6 +45,7 @@ from nlora.io import write_json_atomic
 from nlora.methods import get_method
 from nlora.methods.base import ContinualMethod
 from nlora.model import Backbone, load_backbone
+from nlora.precision import resolve_precision
 from nlora.presets import describe_presets
 from nlora.rundir import (
     check_out_dir,
@@ -268,6 +269,9 @@ def _run(
     for line in describe_presets(config):  # what the protocol and presets set, with sources
         log.info(line)
     log.info("software: %s", ", ".join(f"{k} {v}" for k, v in software_versions().items()))
+    precision, why = resolve_precision(config.precision, accelerator.device)
+    (log.warning if why.startswith("asked for, but") else log.info)(
+        "precision: %s (%s)", precision, why)
     model = backbone.model.to(accelerator.device)
     method.is_main_process = accelerator.is_main_process
     method.encoder = encoder
@@ -320,7 +324,7 @@ def _run(
                 group_by_length=config.group_by_length,
                 grad_accum=config.grad_accum,
                 max_grad_norm=config.max_grad_norm or None,
-                precision=config.precision,
+                precision=precision,
                 on_step=log_step,
                 loss_parts=config.loss_parts,
                 zero_lr_steps=config.zero_lr_steps,
@@ -367,7 +371,7 @@ def _run(
                 **scores,
                 "train": {"steps": result.steps, "seconds": round(result.seconds, 2),
                           "first_loss": result.first_loss, "last_loss": result.last_loss,
-                          "last_penalty": result.last_penalty},
+                          "last_penalty": result.last_penalty, "precision": precision},
                 "eval_seconds": round(eval_seconds, 2),
                 **({"method": chosen} if chosen else {}),
             }
