@@ -1,0 +1,232 @@
+"""Task families: SuperNI task files and a user's task folders, read, prompted and scored.
+
+The SuperNI data used here is a hand-written NI-format fixture (tests/data/superni); the real
+release (../shared/CL_Benchmark/SuperNI) is only checked where it lies beside the clone.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from rouge_score import rouge_scorer
+
+from nlora.batching import Encoder
+from nlora.catalog import list_tasks
+from nlora.cli import main
+from nlora.data import load_task
+from nlora.errors import DataError
+from nlora.families import family_of
+from nlora.orders import get_order
+from nlora.scoring import rouge_l, row_score
+
+FIXTURE = Path(__file__).parent / "data" / "superni"
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "CL_Benchmark"
+SUMMARY, ANSWER = "SuperNI/task9001_toy_summary", "SuperNI/task9002_toy_answer"
+
+
+# ---------------------------------------------------------------------------- SuperNI prompts
+
+
+def test_superni_prompt_is_the_release_prompt_byte_for_byte():
+    task = load_task(FIXTURE, "task9001_toy_summary")
+    assert (task.family, task.metric, task.max_new_tokens) == ("superni", "rougeL", 50)
+    # written out by hand from tests/data/superni/SuperNI/task9001_toy_summary/test.json:
+    # the definition's trailing space is stripped, the input's own spaces are kept
+    assert task.test[0].prompt == (
+        "Definition: In this task, you are given a short dialogue. Summarise it in one "
+        "sentence.\n\nNow complete the following example -\nInput: Ava: Coffee later? Ben: At "
+        "four.\nOutput: "
+    )
+    assert task.train[0].prompt.endswith(
+        "Input:  Ann: Lunch at noon? Bob: Sure, see you there. \nOutput: ")
+    assert task.test[0].references == ("Ava and Ben will have coffee at four.",
+                                       "They meet at four for coffee.")
+    assert task.test[0].label in task.test[0].references
+    assert {e.max_target for e in task.train} == {50}
+
+
+@pytest.mark.skipif(not (SHARED / "SuperNI").is_dir(),
+                    reason=f"the SuperNI release is not beside the clone ({SHARED})")
+def test_prompt_of_a_real_superni_row():
+    task = load_task(SHARED, "task1572_samsum_summary", splits=("test",))
+    assert task.test[0].prompt == (
+        "Definition: In this task, you are given a conversation, and your task is to generate a "
+        "summary from the information present in the given conversation. Generate a summary in "
+        "such a way that the context should be present in the conversation. It should cover the "
+        "complete context of the conversation.\n\nNow complete the following example -\nInput:  "
+        "Ruth: Chris, don't forget about Nathan's appt, Chris: Today?, Ruth: Yes, I told you "
+        "last night! 4:30, Chris: Oh boy,  I'm gonna have to leave work early., Ruth: Just tell "
+        "them you'll work it off later at home., Chris: Fine, just tell him to be ready at 4 "
+        "\nOutput: "
+    )
+    assert task.test[0].references == (" Chris is having an appointment with Nathan today at "
+                                       "4:30. ",)
+
+
+@pytest.mark.skipif(not (SHARED / "SuperNI").is_dir(),
+                    reason=f"the SuperNI release is not beside the clone ({SHARED})")
+@pytest.mark.parametrize("order", ["superni1", "superni2"])
+def test_superni_orders_name_the_fifteen_released_tasks(order):
+    tasks = get_order(order).tasks
+    assert len(set(tasks)) == 15
+    assert set(tasks) == {p.name for p in (SHARED / "SuperNI").iterdir() if p.is_dir()}
+
+
+def test_superni_orders_as_the_readme_lists_them():
+    one, two = get_order("superni1").tasks, get_order("superni2").tasks
+    assert (one[0], one[-1], two[0], two[-1]) == (
+        "task1572_samsum_summary", "task875_emotion_classification",
+        "task748_glucose_reverse_cause_event_detection", "task875_emotion_classification")
+    assert sorted(one) == sorted(two)
+
+
+def test_a_plain_string_output_is_one_reference():
+    task = load_task(FIXTURE, "task9002_toy_answer")
+    assert task.test[2].references == ("at night",)
+
+
+def test_superni_targets_are_cut_to_fifty_tokens_eos_included(tokenizer):
+    task = load_task(FIXTURE, "task9001_toy_summary")
+    long = type(task.train[0])("x", "word " * 200, "p", max_target=50)
+    features = Encoder(tokenizer, True, 64).train_features(long)
+    assert len(features["labels"]) == 50 and features["labels"][-1] == tokenizer.eos_token_id
+
+
+def test_the_drawn_reference_is_seeded_and_one_of_the_row_s():
+    a = load_task(FIXTURE, "task9002_toy_answer", seed=1)
+    b = load_task(FIXTURE, "task9002_toy_answer", seed=1)
+    assert [e.label for e in a.train] == [e.label for e in b.train]
+    assert all(e.label in e.references for e in a.train + a.test)
+    draws = {load_task(FIXTURE, "task9002_toy_answer", seed=s).train[1].label
+             for s in range(30)}
+    assert draws == {"in France", "France"}  # both references of that row get drawn
+
+
+@pytest.mark.parametrize("damage, message", [
+    ({"Definition": []}, "Definition is not a list"),
+    ({"Instances": []}, "Instances is missing or empty"),
+    ({"Instances": [{"input": "a", "output": []}]}, "instance 0: 'output' is neither"),
+    ({"Instances": [{"output": ["a"]}]}, "instance 0 has no string 'input'"),
+])
+def test_a_damaged_ni_file_is_one_line_naming_it(tmp_path, damage, message):
+    folder = tmp_path / "SuperNI" / "task1"
+    shutil.copytree(FIXTURE / SUMMARY, folder)
+    data = json.loads((folder / "test.json").read_text())
+    (folder / "test.json").write_text(json.dumps({**data, **damage}))
+    with pytest.raises(DataError) as err:
+        load_task(tmp_path, "task1")
+    assert str(err.value).startswith(str(folder / "test.json")) and message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------- ROUGE-L
+
+
+@pytest.mark.parametrize("prediction, reference, expected", [
+    # LCS "the cat on the mat" = 5 tokens; P 5/6, R 5/5: F = 2PR/(P+R) = 10/11
+    ("the cat sat on the mat", "the cat on the mat", 100 * 10 / 11),
+    # LCS "a c" = 2; P 2/3, R 2/4: F = 2 (1/3) / (7/6) = 4/7
+    ("a b c", "a x c y", 100 * 4 / 7),
+    # Porter stemmer: cats -> cat, running -> run
+    ("cats running", "cat run", 100.0),
+    # rouge_score's tokenizer drops case and punctuation
+    ("Hello, World!", "hello world", 100.0),
+    ("blue", "red", 0.0),
+])
+def test_rouge_l_against_hand_computed_lcs(prediction, reference, expected):
+    assert rouge_l(prediction, reference) == pytest.approx(expected)
+
+
+PAIRS = [("the quick brown fox", "a quick brown dog jumps"),
+         ("Chris has an appointment at 4:30.", "Chris is having an appointment today at 4:30."),
+         ("positive", "negative"), ("", "something"), ("walked home", "walking homes")]
+
+
+@pytest.mark.parametrize("prediction, reference", PAIRS)
+def test_rouge_l_is_the_reference_package_with_the_stemmer(prediction, reference):
+    package = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    expected = package.score(reference, prediction)["rougeL"].fmeasure * 100
+    assert rouge_l(prediction, reference) == pytest.approx(expected)
+
+
+def test_rouge_l_takes_the_best_reference_and_reports_exact_match_beside():
+    # "blue" against "blue sky": LCS 1, P 1, R 1/2 -> F 2/3
+    assert row_score("rougeL", "blue", ["red", "blue sky"]) == (pytest.approx(200 / 3), False)
+    assert row_score("rougeL", "Blue sky.", ["red", "blue sky"]) == (pytest.approx(100), True)
+    assert row_score("exact_match", "France", ["in France", "France"]) == (100.0, True)
+    assert row_score("accuracy", "yes", ["no"], labels={"yes", "no"}) == (0.0, False)
+
+
+# ---------------------------------------------------------------------------- a user's tasks
+
+
+def _user(root: Path, name: str, train: str | bytes, test: str | bytes,
+          yaml_text: str | None = None) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True)
+    for split, text in (("train", train), ("test", test)):
+        data = text if isinstance(text, bytes) else text.encode("utf-8")
+        (folder / f"{split}.jsonl").write_bytes(data)
+    if yaml_text is not None:
+        (folder / "task.yaml").write_text(yaml_text)
+    return folder
+
+
+def _rows(*rows: dict) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def test_user_task_folders_load_as_their_task_yaml_says(tmp_path):
+    _user(tmp_path, "shout", _rows({"input": "hi", "output": "HI"}),
+          _rows({"input": "yo", "output": ["YO", "YO!"]}),
+          "instruction: Repeat the input in capitals.\nmetric: exact_match\n"
+          "max_new_tokens: 8\n")
+    _user(tmp_path, "mood", _rows({"input": "great", "output": "good"},
+                                  {"input": "awful", "output": "bad"}),
+          _rows({"input": "fine", "output": "good"}), "metric: accuracy\n")
+    shout = load_task(tmp_path, "shout")
+    assert (shout.name, shout.family, shout.metric, shout.max_new_tokens) == (
+        "shout", "user", "exact_match", 8)
+    assert shout.test[0].prompt == ("Definition: Repeat the input in capitals.\n\nNow complete "
+                                    "the following example -\nInput: yo\nOutput: ")
+    assert shout.test[0].references == ("YO", "YO!")
+    mood = load_task(tmp_path, "mood")
+    assert (mood.metric, mood.labels, mood.max_new_tokens) == ("accuracy", ["bad", "good"], None)
+    assert mood.test[0].prompt == "Input: fine\nOutput: "
+    assert family_of(tmp_path / "mood").name == "user"
+    assert family_of(FIXTURE / SUMMARY).name == "superni"
+
+
+def test_every_bad_user_file_or_row_is_one_line(tmp_path, capsys):
+    _user(tmp_path, "a", _rows({"input": "x"}, {"input": "y", "output": []}),
+          _rows({"input": "z", "output": "ok"}), "metric: bleu\n")
+    _user(tmp_path, "b", "", b'{"input": "caf\xe9", "output": "x"}\n')
+    assert main(["tasks", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert err == [
+        f"nlora: error: {a / 'task.yaml'}: unknown metric 'bleu' (one of exact_match, rougeL, "
+        "accuracy)",
+        f"nlora: error: {a / 'train.jsonl'}: row 1: no 'output'",
+        f"nlora: error: {a / 'train.jsonl'}: row 2: 'output' is an empty list (give at least "
+        "one reference)",
+        f"nlora: error: {b / 'train.jsonl'}: the file is empty (one JSON object per line "
+        "expected)",
+        f"nlora: error: {b / 'test.jsonl'}: not UTF-8 text (byte 0xe9 at offset 14); save it "
+        "as UTF-8",
+    ]
+    with pytest.raises(DataError) as from_run:  # a run stops at the first, saying there is more
+        load_task(tmp_path, "a")
+    assert "\n" not in str(from_run.value) and "and 2 more" in str(from_run.value)
+
+
+def test_tasks_lists_generation_tasks_with_family_metric_and_sizes(tmp_path, capsys):
+    shutil.copytree(FIXTURE, tmp_path, dirs_exist_ok=True)
+    assert main(["tasks", "--data", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith(SUMMARY))
+    assert line.split() == [SUMMARY, "superni", "rougeL", "6", "3", "50", "yes"]
+    assert [i.name for i in list_tasks(tmp_path)] == [SUMMARY, ANSWER]
