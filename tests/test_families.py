@@ -230,3 +230,125 @@ def test_tasks_lists_generation_tasks_with_family_metric_and_sizes(tmp_path, cap
     line = next(x for x in out.splitlines() if x.startswith(SUMMARY))
     assert line.split() == [SUMMARY, "superni", "rougeL", "6", "3", "50", "yes"]
     assert [i.name for i in list_tasks(tmp_path)] == [SUMMARY, ANSWER]
+
+
+# ---------------------------------------------------------------------------- end to end
+
+FAST = ["--epochs", "1", "--batch-size", "2", "--lr", "5e-3", "--max-source-length", "96",
+        "--seed", "3", "--eval-on", "all", "--no-zero-shot"]
+
+
+def _finished_run(model_dir: Path, data: Path, out: Path, tasks: str, *extra: str) -> dict:
+    assert main(["run", "--model", str(model_dir), "--data", str(data), "--tasks", tasks,
+                 "--out", str(out), *FAST, *extra]) == 0
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _check_against_predictions(run: Path, metrics: dict, folder: str, scorer=None) -> None:
+    """The last column of the matrix is the mean of the rows' own scores in the last step's
+    predictions.jsonl, each recomputed here with the reference package."""
+    package = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rows = [json.loads(x) for x in (run / "tasks" / folder / "predictions.jsonl")
+            .read_text().splitlines()]
+    for i, (name, metric) in enumerate(zip(metrics["tasks"], metrics["metrics"],
+                                           strict=True)):
+        mine = [r for r in rows if r["task"] == name]
+        if metric == "rougeL":
+            values = [max(package.score(ref, r["prediction"])["rougeL"].fmeasure * 100
+                          for ref in r["references"]) for r in mine]
+        else:
+            values = [100.0 * r["correct"] for r in mine]
+        assert metrics["accuracy"][i][-1] == pytest.approx(sum(values) / len(values))
+
+
+@pytest.mark.slow  # generation of 50 tokens, evaluated after every task
+def test_two_superni_tasks_run_to_a_full_rouge_matrix_and_report(tiny_t5_dir, tmp_path,
+                                                                  capsys):
+    run = tmp_path / "run"
+    metrics = _finished_run(tiny_t5_dir, FIXTURE, run, f"{SUMMARY},{ANSWER}")
+    assert metrics["metrics"] == ["rougeL", "rougeL"]
+    assert all(v is not None for row in metrics["accuracy"] for v in row)  # eval-on all
+    assert all(v is not None for row in metrics["exact_match"] for v in row)
+    assert set(metrics["summary"]) == {"AA", "F.Ra", "BWT", "EM"}
+    final = [row[-1] for row in metrics["accuracy"]]
+    assert metrics["summary"]["AA"] == pytest.approx(sum(final) / 2)
+    _check_against_predictions(run, metrics, "02-task9002_toy_answer")
+    rows = [json.loads(x) for x in (run / "tasks/02-task9002_toy_answer/predictions.jsonl")
+            .read_text().splitlines()]
+    assert {len(r["references"]) for r in rows if r["task"] == ANSWER} == {1, 2}
+    out = capsys.readouterr().out
+    assert "rougeL: ROUGE-L (F x 100)" in out and "EM " in out
+    assert main(["report", str(run), "--out", str(tmp_path / "report")]) == 0
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "ROUGE-L" in report and (tmp_path / "report" / "run_accuracy.png").is_file()
+
+
+def test_the_judge_scores_rows_by_metric_and_reference_choice():
+    """Non-zero scores (a tiny random model answers nothing right): the judge on chosen
+    answers, against hand-computed values."""
+    from nlora.evaluate import Prediction
+    from nlora.presets import make_config
+    from nlora.runner import Judge
+
+    task = load_task(FIXTURE, "task9002_toy_answer", seed=5)
+    # rows: grass -> "green"; fish -> "in water" | "water"; owls -> "at night"
+    answers = ["green", "water", "at noon"]
+    preds = [Prediction(i, a, e.label) for i, (a, e) in enumerate(zip(answers, task.test,
+                                                                      strict=True))]
+    config = make_config(tasks=[ANSWER], data_dir=str(FIXTURE))
+    record, lines = Judge(config, causal=False).score([task], {0: preds})
+    # "at noon" vs "at night": LCS 1, P 1/2, R 1/2 -> F 1/2
+    assert record["accuracy"][ANSWER] == pytest.approx((100 + 100 + 50) / 3)
+    assert record["exact_match"][ANSWER] == pytest.approx(200 / 3)
+    assert record["metric"] == {ANSWER: "rougeL"} and ANSWER not in record["counts"]
+    drawn = Judge(make_config(tasks=[ANSWER], data_dir=str(FIXTURE), references="drawn"),
+                  causal=False)
+    record, lines = drawn.score([task], {0: preds})
+    # against the drawn reference only: "water" scores 100 if "water" was drawn, else
+    # 2 (1 x 1/2) / (3/2) = 2/3 against "in water"
+    fish = 100.0 if task.test[1].label == "water" else 200 / 3
+    assert record["accuracy"][ANSWER] == pytest.approx((100 + fish + 50) / 3)
+    assert [json.loads(x)["references"] for x in lines][1] == [task.test[1].label]
+
+
+@pytest.mark.slow  # three tasks trained and evaluated after every one
+def test_a_user_folder_and_a_mixed_sequence_score_each_task_by_its_metric(
+        tiny_llama_dir, data_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    _user(data, "shout", _rows(*({"input": w, "output": w.upper()} for w in
+                                 ("hi", "yo", "ok", "go"))),
+          _rows({"input": "no", "output": ["NO", "NO!"]}, {"input": "up", "output": "UP"}),
+          "metric: exact_match\nmax_new_tokens: 4\n")
+    _user(data, "echo", _rows(*({"input": f"say {w}", "output": f"I say {w}"} for w in
+                                ("a", "b", "c", "d"))),
+          _rows({"input": "say e", "output": "I say e"}), "metric: rougeL\nmax_new_tokens: 6\n")
+    rows = json.loads((data_dir / "SC/yelp/train.json").read_text())[:4]
+    (data / "SC" / "yelp").mkdir(parents=True)
+    for split in ("train", "test"):
+        (data / "SC/yelp" / f"{split}.json").write_text(json.dumps(rows))
+    shutil.copy(data_dir / "SC/yelp/labels.json", data / "SC/yelp/labels.json")
+    metrics = _finished_run(tiny_llama_dir, data, tmp_path / "run", "shout,echo,SC/yelp")
+    assert metrics["tasks"] == ["shout", "echo", "SC/yelp"]
+    assert metrics["metrics"] == ["exact_match", "rougeL", "accuracy"]
+    assert len(metrics["accuracy"]) == 3 and all(len(r) == 3 for r in metrics["accuracy"])
+    _check_against_predictions(tmp_path / "run", metrics, "03-yelp")
+    table = capsys.readouterr().out
+    for name, metric in (("shout", "exact_match"), ("echo", "rougeL"), ("yelp", "accuracy")):
+        assert next(x for x in table.splitlines() if x.startswith(name)).endswith(metric)
+    with pytest.raises(Exception, match="has none: use --eval-mode generate"):
+        from nlora.presets import make_config
+        from nlora.runner import load_tasks
+        load_tasks(make_config(tasks=["echo"], data_dir=str(data), eval_mode="rank"))
+
+
+def test_the_user_tasks_example_is_current_and_valid():
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    check = subprocess.run([sys.executable, "scripts/make_user_tasks_example.py", "--check"],
+                           cwd=repo, capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    infos = {i.name: i for i in list_tasks(repo / "docs" / "examples" / "user_tasks")}
+    assert {n: (i.metric, i.rows["train"], i.rows["test"]) for n, i in infos.items()} == {
+        "headline": ("rougeL", 40, 10), "sentiment": ("accuracy", 40, 10)}
