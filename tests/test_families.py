@@ -73,6 +73,12 @@ def test_superni_orders_name_the_fifteen_released_tasks(order):
     tasks = get_order(order).tasks
     assert len(set(tasks)) == 15
     assert set(tasks) == {p.name for p in (SHARED / "SuperNI").iterdir() if p.is_dir()}
+    from nlora.presets import make_config
+
+    config = make_config(order=order, data_dir=str(SHARED))
+    assert config.tasks == [f"SuperNI/{t}" for t in tasks]
+    assert (config.learning_rate, config.batch_size) == (3e-4, 32)
+    assert "SuperNI releases" in config.preset_sources["learning_rate"]
 
 
 def test_superni_orders_as_the_readme_lists_them():
@@ -352,3 +358,21 @@ def test_the_user_tasks_example_is_current_and_valid():
     infos = {i.name: i for i in list_tasks(repo / "docs" / "examples" / "user_tasks")}
     assert {n: (i.metric, i.rows["train"], i.rows["test"]) for n, i in infos.items()} == {
         "headline": ("rougeL", 40, 10), "sentiment": ("accuracy", 40, 10)}
+
+
+def test_a_validation_split_never_opens_the_test_file(tmp_path):
+    folder = tmp_path / "SuperNI" / "task1"
+    shutil.copytree(FIXTURE / ANSWER, folder)
+    (folder / "test.json").write_text("not json")  # a run that opened it would fail
+    task = load_task(tmp_path, "task1", eval_split="validation", validation_per_task=2)
+    full = load_task(FIXTURE, ANSWER, splits=("train",))
+    assert (len(task.test), len(task.train)) == (2, 4)
+    assert sorted(e.sentence for e in task.test + task.train) == sorted(
+        e.sentence for e in full.train)
+    _user(tmp_path / "mine", "t", _rows({"input": "a", "output": "A"}, {"input": "b",
+                                                                        "output": "B"}),
+          _rows({"input": "z", "output": "Z"}))
+    (tmp_path / "mine/t/validation.jsonl").write_text(_rows({"input": "c", "output": "C"}))
+    own = load_task(tmp_path / "mine", "t", eval_split="validation")
+    assert [e.sentence for e in own.test] == ["c"] and len(own.train) == 2
+    assert own.validation == {"source": "validation.jsonl", "rows": 1}

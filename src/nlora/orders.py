@@ -25,6 +25,7 @@ class Order:
     batch_size: int
     paper_lambda: float | tuple[float, ...]
     model: str = "T5-large"
+    source: str = "paper Appendix 7.5"  # where the order's hyperparameters come from
 
 
 SUPERNI_ORDER1 = (
@@ -47,6 +48,8 @@ SUPERNI_ORDER2 = (
     "task511_reddit_tifu_long_text_summarization", "task002_quoref_answer_generation",
     "task1290_xsum_summarization", "task875_emotion_classification",
 )
+
+SUPERNI_SOURCE = "SuperNI releases' lr and batch, nlora's epochs (docs/benchmarks.md)"
 
 _STANDARD = dict(learning_rate=1e-3, epochs=10, batch_size=32, paper_lambda=0.4)
 
@@ -83,9 +86,9 @@ ORDERS: dict[str, Order] = {
         # choice, docs/benchmarks.md). λ: the N-LoRA paper tuned none for SuperNI; the
         # reference 0.4 keeps nlora's default λ unscaled.
         Order("superni1", SUPERNI_ORDER1, learning_rate=3e-4, epochs=10, batch_size=32,
-              paper_lambda=0.4),
+              paper_lambda=0.4, source=SUPERNI_SOURCE),
         Order("superni2", SUPERNI_ORDER2, learning_rate=3e-4, epochs=10, batch_size=32,
-              paper_lambda=0.4),
+              paper_lambda=0.4, source=SUPERNI_SOURCE),
         # LLaMA-7B settings of orders 1-3 (Appendix 7.5): per-task learning rates and epochs.
         Order("order1-llama", ("dbpedia", "amazon", "yahoo", "agnews"),
               learning_rate=(1e-3, 1e-4, 1e-4, 1e-4), epochs=(1, 10, 1, 1), batch_size=4,

@@ -154,9 +154,15 @@ def _log_data_notes(config: RunConfig, tasks: list[Task]) -> None:
     instructions = merged_instructions(config.instructions)
     for task in tasks:
         if task.validation:
-            log.info("%s: evaluated on %d validation rows carved from train.json (stratified, "
-                     "seed %s), not on test.json", task.name, task.validation["rows"],
-                     task.validation["seed"])
+            how = task.validation
+            if "seed" in how:
+                drawn = ("stratified, " if how["stratified"] else "at random, ") + \
+                    f"seed {how['seed']}"
+                log.info("%s: evaluated on %d validation rows carved from %s (%s), not on the "
+                         "test split", task.name, how["rows"], how["source"], drawn)
+            else:  # a user task folder's own validation.jsonl
+                log.info("%s: evaluated on its %d rows of %s, not on the test split", task.name,
+                         how["rows"], how["source"])
         for split, count in task.skipped.items():
             if count:
                 log.warning(

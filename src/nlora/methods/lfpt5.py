@@ -80,7 +80,8 @@ class TaggedExample(Example):
 
 def tagged(example: Example, task: Task, replayed: bool = False) -> TaggedExample:
     return TaggedExample(example.sentence, example.label, example.prompt, task_prefix(task),
-                         replayed)
+                         replayed, references=example.references,
+                         max_target=example.max_target)
 
 
 def parse_samples(task: Task, texts: list[str], per_label: int) -> list[TaggedExample]:
