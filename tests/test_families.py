@@ -250,21 +250,27 @@ def _finished_run(model_dir: Path, data: Path, out: Path, tasks: str, *extra: st
     return json.loads((out / "metrics.json").read_text())
 
 
-def _check_against_predictions(run: Path, metrics: dict, folder: str, scorer=None) -> None:
-    """The last column of the matrix is the mean of the rows' own scores in the last step's
-    predictions.jsonl, each recomputed here with the reference package."""
+def _check_against_predictions(run: Path, metrics: dict, folder: str,
+                               column: int = -1) -> list[float]:
+    """Column ``column`` of the matrix is the mean of the rows' own scores in that step's
+    predictions.jsonl, each recomputed here with the reference package; returns them."""
     package = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     rows = [json.loads(x) for x in (run / "tasks" / folder / "predictions.jsonl")
             .read_text().splitlines()]
+    every = []
     for i, (name, metric) in enumerate(zip(metrics["tasks"], metrics["metrics"],
                                            strict=True)):
         mine = [r for r in rows if r["task"] == name]
+        if not mine:  # not evaluated at that step
+            continue
         if metric == "rougeL":
             values = [max(package.score(ref, r["prediction"])["rougeL"].fmeasure * 100
                           for ref in r["references"]) for r in mine]
         else:
             values = [100.0 * r["correct"] for r in mine]
-        assert metrics["accuracy"][i][-1] == pytest.approx(sum(values) / len(values))
+        assert metrics["accuracy"][i][column] == pytest.approx(sum(values) / len(values))
+        every += values
+    return every
 
 
 @pytest.mark.slow  # generation of 50 tokens, evaluated after every task
@@ -325,26 +331,33 @@ def test_a_user_folder_and_a_mixed_sequence_score_each_task_by_its_metric(
                                  ("hi", "yo", "ok", "go"))),
           _rows({"input": "no", "output": ["NO", "NO!"]}, {"input": "up", "output": "UP"}),
           "metric: exact_match\nmax_new_tokens: 4\n")
-    _user(data, "echo", _rows(*({"input": f"say {w}", "output": f"I say {w}"} for w in
-                                ("a", "b", "c", "d"))),
-          _rows({"input": "say e", "output": "I say e"}), "metric: rougeL\nmax_new_tokens: 6\n")
+    # one answer for every row, learnt in a few steps: ROUGE-L is then not 0 everywhere
+    _user(data, "agree", _rows(*({"input": w, "output": "I agree"} for w in "abcd")),
+          _rows({"input": "e", "output": ["I agree", "no"]},
+                {"input": "f", "output": "I agree with you"}),
+          "metric: rougeL\nmax_new_tokens: 4\n")
     rows = json.loads((data_dir / "SC/yelp/train.json").read_text())[:4]
     (data / "SC" / "yelp").mkdir(parents=True)
     for split in ("train", "test"):
         (data / "SC/yelp" / f"{split}.json").write_text(json.dumps(rows))
     shutil.copy(data_dir / "SC/yelp/labels.json", data / "SC/yelp/labels.json")
-    metrics = _finished_run(tiny_llama_dir, data, tmp_path / "run", "shout,echo,SC/yelp")
-    assert metrics["tasks"] == ["shout", "echo", "SC/yelp"]
+    metrics = _finished_run(tiny_llama_dir, data, tmp_path / "run", "shout,agree,SC/yelp",
+                            "--epochs", "1,10,1", "--lr", "5e-3,3e-2,5e-3",
+                            "--method", "seqlora")
+    assert metrics["tasks"] == ["shout", "agree", "SC/yelp"]
     assert metrics["metrics"] == ["exact_match", "rougeL", "accuracy"]
     assert len(metrics["accuracy"]) == 3 and all(len(r) == 3 for r in metrics["accuracy"])
-    _check_against_predictions(tmp_path / "run", metrics, "03-yelp")
+    run = tmp_path / "run"
+    _check_against_predictions(run, metrics, "02-agree", column=1)
+    assert metrics["accuracy"][1][1] > 0  # the package comparison is not of zeros only
+    _check_against_predictions(run, metrics, "03-yelp")
     table = capsys.readouterr().out
-    for name, metric in (("shout", "exact_match"), ("echo", "rougeL"), ("yelp", "accuracy")):
+    for name, metric in (("shout", "exact_match"), ("agree", "rougeL"), ("yelp", "accuracy")):
         assert next(x for x in table.splitlines() if x.startswith(name)).endswith(metric)
     with pytest.raises(Exception, match="has none: use --eval-mode generate"):
         from nlora.presets import make_config
         from nlora.runner import load_tasks
-        load_tasks(make_config(tasks=["echo"], data_dir=str(data), eval_mode="rank"))
+        load_tasks(make_config(tasks=["agree"], data_dir=str(data), eval_mode="rank"))
 
 
 def test_the_user_tasks_example_is_current_and_valid():
@@ -376,3 +389,27 @@ def test_a_validation_split_never_opens_the_test_file(tmp_path):
     own = load_task(tmp_path / "mine", "t", eval_split="validation")
     assert [e.sentence for e in own.test] == ["c"] and len(own.train) == 2
     assert own.validation == {"source": "validation.jsonl", "rows": 1}
+
+
+@pytest.mark.slow  # a study: one cell run by the local backend in a subprocess
+def test_a_study_on_superni_tasks_reports_rouge_aa_and_exact_match(tiny_t5_dir, tmp_path):
+    import csv
+
+    import yaml
+
+    from nlora.study.driver import run_study
+
+    spec = {"name": "toy", "options": {
+        "model": str(tiny_t5_dir), "data_dir": str(FIXTURE), "epochs": 1, "batch_size": 2,
+        "max_source_length": 96, "zero_shot": False},
+        "methods": {"seqlora": {}}, "orders": [{"toy": [SUMMARY, ANSWER]}], "seeds": [1],
+        "report": {"metrics": ["AA", "EM", "BWT"]}}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    run_study(path, tmp_path / "study")
+    metrics = json.loads((tmp_path / "study/final/seqlora/toy/seed1/metrics.json").read_text())
+    assert metrics["metrics"] == ["rougeL", "rougeL"]
+    with open(tmp_path / "study/report/table.csv", encoding="utf-8") as handle:
+        rows = {r["metric"]: r for r in csv.DictReader(handle) if r["column"] == "toy"}
+    for name in ("AA", "EM"):  # the study reads the run's ROUGE-L AA and exact match
+        assert float(rows[name]["mean"]) == pytest.approx(metrics["summary"][name])

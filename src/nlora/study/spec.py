@@ -34,8 +34,10 @@ from nlora.methods import METHODS
 from nlora.orders import ORDERS, get_order
 
 # metric -> which end is better (selection), as printed
+# (EM: mean final exact match, in runs with a ROUGE-L task; docs/benchmarks.md)
 METRICS: dict[str, str] = {"AA": "max", "AA_pooled": "max", "F.Ra": "min", "BWT": "max",
-                           "FWT": "max", "ACR": "min", "density": "min", "OO": "min"}
+                           "FWT": "max", "ACR": "min", "density": "min", "OO": "min",
+                           "EM": "max"}
 PARAMETER_METRICS = ("ACR", "density", "OO")  # from the saved adapters (nlora.analysis)
 # set by the study itself for each cell, never by the spec's options
 STUDY_KEYS = ("method", "order", "tasks", "seed", "eval_split", "validation_per_task")
