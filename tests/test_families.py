@@ -358,6 +358,8 @@ def test_a_user_folder_and_a_mixed_sequence_score_each_task_by_its_metric(
         from nlora.presets import make_config
         from nlora.runner import load_tasks
         load_tasks(make_config(tasks=["agree"], data_dir=str(data), eval_mode="rank"))
+    with pytest.raises(Exception, match="learns classification tasks only; agree is a user"):
+        load_tasks(make_config(tasks=["SC/yelp", "agree"], data_dir=str(data), method="lfpt5"))
 
 
 def test_the_user_tasks_example_is_current_and_valid():

@@ -141,6 +141,11 @@ def load_tasks(config: RunConfig) -> list[Task]:
         )
         for name in config.tasks
     ]
+    families = get_method(config.method).task_families
+    for task in tasks:
+        if families is not None and task.family not in families:
+            raise ConfigError(f"method {config.method} learns {', '.join(families)} tasks "
+                              f"only; {task.name} is a {task.family} task")
     if config.eval_mode == "rank":
         for task in tasks:
             if not task.labels:

@@ -142,6 +142,8 @@ class LFPT5(ContinualMethod):
                "replay")
     options = LFPT5Options
     defaults = {"learning_rate": 0.5}  # LFPT5 code (Adafactor there)
+    # pseudo samples are kept by their label and given the classification prompt
+    task_families = ("classification",)
 
     def __init__(self, config, is_seq2seq: bool) -> None:
         super().__init__(config, is_seq2seq)
