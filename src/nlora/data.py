@@ -1,4 +1,7 @@
-"""Benchmark tasks in the O-LoRA / N-LoRA ``CL_Benchmark`` layout, and their prompts.
+"""Benchmark tasks in the O-LoRA / N-LoRA ``CL_Benchmark`` layout, and their prompts; what
+every task shares (``Task``, ``Example``, finding a task by name, ``load_task``, which hands a
+folder to its family: ``nlora.families`` defines classification here, SuperNI and a user's
+task folders).
 
 Layout: ``DATA/<CATEGORY>/<DATASET>/{train,test,labels}.json``; each split is a JSON
 list of ``{"sentence": str, "label": str}`` and ``labels.json`` lists the label strings.

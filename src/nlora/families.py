@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -78,12 +78,10 @@ def user_prompt(instruction: str | None, text: str) -> str:
     return "Input: " + text + "\n" + "Output: "
 
 
-def draw_references(
-    rows: Sequence[Sequence[str]], seed: int, where: str
-) -> list[str]:
+def draw_references(rows: Sequence[Sequence[str]], seed: int, key: str) -> list[str]:
     """One reference per row, drawn as the releases do (one random choice per row at load),
-    seeded by the run's seed and the file, so a rerun draws the same ones."""
-    rng = random.Random(f"{seed}:{where}")
+    seeded by the run's seed and ``key`` (task and split), so a rerun draws the same ones."""
+    rng = random.Random(f"{seed}:{key}")
     return [refs[0] if len(refs) == 1 else rng.choice(list(refs)) for refs in rows]
 
 
@@ -113,7 +111,6 @@ class TaskFamily:
 
     name = ""
     files: tuple[str, str] = ("train.json", "test.json")  # the train and test split files
-    description = ""
 
     def owns(self, folder: Path) -> bool:
         raise NotImplementedError
@@ -125,19 +122,9 @@ class TaskFamily:
     def load(self, folder: Path, category: str, dataset: str, request: LoadRequest) -> Task:
         raise NotImplementedError
 
-    def problems(self, folder: Path) -> list[str]:
-        """Every problem of the folder, one line each (``nlora tasks``); default: the first
-        error a load raises."""
-        try:
-            self.load(folder, folder.parent.name, folder.name, LoadRequest())
-        except DataError as err:
-            return [str(err)]
-        return []
-
 
 class Classification(TaskFamily):
     name = "classification"
-    description = "CATEGORY/DATASET/{train,test,labels}.json; accuracy over the labels"
 
     def owns(self, folder: Path) -> bool:
         return (folder / "labels.json").is_file()
@@ -159,12 +146,12 @@ class _Rows:
 
 
 def _generation_task(
-    category: str, dataset: str, family: str, metric: str, prompt: Any,
-    read: Any, request: LoadRequest, max_target: int | None, max_new_tokens: int,
-    labels: list[str] | None = None, train_file: str = "train.json",
+    category: str, dataset: str, family: str, metric: str, prompt: Callable[[str], str],
+    read: Callable[[str], _Rows], request: LoadRequest, max_target: int | None,
+    max_new_tokens: int, labels: list[str] | None = None, train_file: str = "train.json",
 ) -> Task:
     """Split reading, validation carving, subsampling, reference drawing and prompting, the
-    same for every generation family (``read(split) -> (_Rows, where)``)."""
+    same for every generation family (``read(split)``: that split's rows)."""
     task = Task(name=task_name(category, dataset), category=category, dataset=dataset,
                 labels=list(labels or []), family=family, metric=metric,
                 max_new_tokens=max_new_tokens)
@@ -177,14 +164,16 @@ def _generation_task(
             continue
         if carve and split == "test":
             continue
-        data, where = read(split)
-        # the reference drawn per row does not depend on the subsample taken later
-        drawn = draw_references(data.references, request.seed, where)
+        data = read(split)
+        # the reference drawn per row depends on the seed, task and split only (not on the
+        # data folder's path, nor on the subsample taken later)
+        drawn = draw_references(data.references, request.seed, f"{task.name}/{split}")
         rows[split] = list(zip(data.inputs, data.references, drawn, strict=True))
     if carve:
         size = (request.validation_per_task or request.test_per_task
                 or max(1, len(rows["train"]) // 10))
-        rows["test"], rows["train"] = carve_random(rows["train"], size, f"{train_file}")
+        rows["test"], rows["train"] = carve_random(rows["train"], size,
+                                                   f"{task.name} {train_file}")
         task.validation = {"source": train_file, "rows": len(rows["test"]),
                            "seed": VALIDATION_SEED, "stratified": False}
         sizes["test"] = None
@@ -205,7 +194,6 @@ def _generation_task(
 
 class SuperNI(TaskFamily):
     name = "superni"
-    description = "NI task files CATEGORY/TASK/{train,test}.json; ROUGE-L"
 
     def owns(self, folder: Path) -> bool:
         return not (folder / "labels.json").is_file() and any(
@@ -245,10 +233,9 @@ class SuperNI(TaskFamily):
     def load(self, folder: Path, category: str, dataset: str, request: LoadRequest) -> Task:
         definitions: dict[str, str] = {}
 
-        def read(split: str) -> tuple[_Rows, str]:
-            path = folder / f"{split}.json"
-            definitions[split], rows = self.read(path)
-            return rows, str(path)
+        def read(split: str) -> _Rows:
+            definitions[split], rows = self.read(folder / f"{split}.json")
+            return rows
 
         task = _generation_task(
             category, dataset, self.name, "rougeL",
@@ -400,7 +387,6 @@ class TaskFolderProblems(DataError):
 class UserTasks(TaskFamily):
     name = "user"
     files = ("train.jsonl", "test.jsonl")
-    description = "TASK/{train,test}.jsonl (+ task.yaml); exact match, ROUGE-L or accuracy"
 
     def owns(self, folder: Path) -> bool:
         return any((folder / f).is_file() for f in (*self.files, "task.yaml"))
@@ -441,9 +427,8 @@ class UserTasks(TaskFamily):
         # the folder's own validation.jsonl, where there is one, is its validation split
         own = request.eval_split == "validation" and "validation" in splits
 
-        def read(split: str) -> tuple[_Rows, str]:
-            name = "validation" if own and split == "test" else split
-            return splits[name], str(folder / f"{name}.jsonl")
+        def read(split: str) -> _Rows:
+            return splits["validation" if own and split == "test" else split]
 
         task = _generation_task(
             category, dataset, self.name, settings.metric,
