@@ -415,3 +415,53 @@ def test_a_study_on_superni_tasks_reports_rouge_aa_and_exact_match(tiny_t5_dir, 
         rows = {r["metric"]: r for r in csv.DictReader(handle) if r["column"] == "toy"}
     for name in ("AA", "EM"):  # the study reads the run's ROUGE-L AA and exact match
         assert float(rows[name]["mean"]) == pytest.approx(metrics["summary"][name])
+
+
+@pytest.mark.skipif(not (SHARED / "SuperNI").is_dir(),
+                    reason=f"the SuperNI release is not beside the clone ({SHARED})")
+def test_the_superni_sample_is_what_its_script_builds():
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "scripts/make_superni_sample.py", "--source",
+                           str(SHARED), "--check"], cwd=repo, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "identical", done.stdout
+
+
+def test_the_superni_sample_is_small_package_data_of_three_tasks():
+    import fnmatch
+    import tomllib
+
+    from nlora.demo import DEMO_SUPERNI_OPTIONS, SUPERNI_SAMPLE
+
+    repo = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]["nlora"]
+    files = [p.relative_to(SUPERNI_SAMPLE.parents[1]).as_posix()
+             for p in SUPERNI_SAMPLE.rglob("*") if p.is_file()]
+    assert len(files) == 7  # 3 tasks x 2 splits + MANIFEST.json
+    for f in files:  # setuptools' "*" does not cross "/": compare segment counts
+        assert any(fnmatch.fnmatch(f, pat) and f.count("/") == pat.count("/")
+                   for pat in patterns), f
+    assert sum(p.stat().st_size for p in SUPERNI_SAMPLE.rglob("*") if p.is_file()) < 2e5
+    infos = {i.dataset: i for i in list_tasks(SUPERNI_SAMPLE)}
+    assert sorted(infos) == sorted(DEMO_SUPERNI_OPTIONS["tasks"])
+    assert {(i.rows["train"], i.rows["test"]) for i in infos.values()} == {(96, 40)}
+
+
+@pytest.mark.slow  # two methods on three generation tasks
+def test_the_superni_demo_table_shows_rouge_own_and_end(tiny_llama_dir, tmp_path):
+    from nlora.demo import DEMO_SUPERNI_OPTIONS, format_demo, run_demo
+
+    result = run_demo(tmp_path / "demo", benchmark="superni", model=str(tiny_llama_dir),
+                      train_per_task=4, test_per_task=3, batch_size=4, max_source_length=64,
+                      learning_rate=5e-3)
+    assert result.metrics == ["rougeL"] * 3
+    lines = format_demo(result).splitlines()
+    assert "rougeL: ROUGE-L (F x 100)" in lines[0]
+    for i, task in enumerate(DEMO_SUPERNI_OPTIONS["tasks"]):
+        cells = next(x for x in lines if x.startswith(task + " ")).split()
+        assert cells[1] == "rougeL"
+        expected = [v for m in result.methods for v in (m.accuracy[i][i], m.accuracy[i][-1])]
+        assert [float(c) for c in cells[2:]] == pytest.approx(expected, abs=0.05)
