@@ -66,9 +66,9 @@ def accuracy_heatmap(run: dict[str, Any], path: Path | str) -> Path:
                     colour = "black" if data[i, j] > 60 else "white"
                     ax.text(j, i, f"{data[i, j]:.1f}", ha="center", va="center",
                             fontsize=8, color=colour)
-    kinds = set(run.get("metrics") or ["accuracy"])
-    what = "accuracy (%)" if kinds == {"accuracy"} else (
-        METRIC_TITLES[kinds.pop()] if len(kinds) == 1 else "score (each task's metric)")
+    kinds = sorted(set(run.get("metrics") or ["accuracy"]))
+    what = "score (each task's metric)" if len(kinds) > 1 else METRIC_TITLES.get(kinds[0],
+                                                                                  kinds[0])
     fig.colorbar(im, ax=ax, label=what, fraction=0.046, pad=0.04)
     aa = run["scores"].get("AA")
     title = "accuracy" if what == "accuracy (%)" else "score"

@@ -32,7 +32,7 @@ def format_results(metrics: dict[str, Any]) -> str:
     ) + ("  metric" if mixed else "")
     scorer = SCORER_NAMES.get(metrics.get("scorer") or "", "exact match")
     if mixed:
-        used = ", ".join(f"{k}: {METRIC_TITLES[k]}" for k in dict.fromkeys(kinds))
+        used = ", ".join(f"{k}: {METRIC_TITLES.get(k, k)}" for k in dict.fromkeys(kinds))
         lines = [f"Score of each task (row) after training task j (column), by the task's "
                  f"metric ({used}); exact match is {scorer}", header]
     else:
