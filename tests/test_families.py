@@ -273,7 +273,6 @@ def _check_against_predictions(run: Path, metrics: dict, folder: str,
     return every
 
 
-@pytest.mark.slow  # generation of 50 tokens, evaluated after every task
 def test_two_superni_tasks_run_to_a_full_rouge_matrix_and_report(tiny_t5_dir, tmp_path,
                                                                   capsys):
     run = tmp_path / "run"
@@ -323,7 +322,6 @@ def test_the_judge_scores_rows_by_metric_and_reference_choice():
     assert [json.loads(x)["references"] for x in lines][1] == [task.test[1].label]
 
 
-@pytest.mark.slow  # three tasks trained and evaluated after every one
 def test_a_user_folder_and_a_mixed_sequence_score_each_task_by_its_metric(
         tiny_llama_dir, data_dir, tmp_path, capsys):
     data = tmp_path / "data"
