@@ -49,7 +49,8 @@ SUPERNI_ORDER2 = (
     "task1290_xsum_summarization", "task875_emotion_classification",
 )
 
-SUPERNI_SOURCE = "SuperNI releases' lr and batch, nlora's epochs (docs/benchmarks.md)"
+SUPERNI_SOURCE = ("SuperNI releases' lr and batch, nlora's epochs, λ untuned "
+                  "(docs/benchmarks.md)")
 
 _STANDARD = dict(learning_rate=1e-3, epochs=10, batch_size=32, paper_lambda=0.4)
 
