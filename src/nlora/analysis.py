@@ -284,6 +284,8 @@ def analyse_run(
         "BWT": summary.get("BWT"),
         "FWT": None,
     }
+    if summary.get("EM") is not None:  # mean final exact match beside ROUGE-L
+        scores["EM"] = summary["EM"]
     finished = metrics.get("finished")
     if accuracy and "summary" not in metrics and isinstance(finished, int) and finished > 1:
         # an unfinished run: forgetting so far, over the tasks trained and their steps
@@ -306,7 +308,8 @@ def analyse_run(
         "method_name": config.get("method"),  # the method itself
         "model": config.get("model"),
         "tasks": tasks,
-        "accuracy": accuracy,
+        "accuracy": accuracy,  # the score matrix, each task's row by its metric
+        "metrics": metrics.get("metrics") or ["accuracy"] * len(tasks),
         "zero_shot": metrics.get("zero_shot"),
         "scores": scores,
         "unseen": unseen_generalisation(metrics.get("unseen") or {}),

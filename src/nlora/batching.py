@@ -104,7 +104,10 @@ class Encoder:
 
     def train_features(self, example: Example) -> dict[str, list[int]]:
         prompt = self.example_ids(example)
-        target = self.label_ids(example.label) + [self.eos_id]
+        target = self.label_ids(example.label)
+        if example.max_target is not None:  # EOS included, as the tokenizer truncates
+            target = target[: example.max_target - 1]
+        target = target + [self.eos_id]
         if self.is_seq2seq:
             return {"input_ids": prompt, "labels": target}
         return {"input_ids": prompt + target, "labels": [IGNORE_INDEX] * len(prompt) + target}

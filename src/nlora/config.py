@@ -21,7 +21,7 @@ from nlora.errors import ConfigError
 from nlora.methods import METHODS, get_method
 from nlora.options import check, coerce, flag_of, option, specs
 from nlora.orders import ORDERS
-from nlora.scoring import SCORERS
+from nlora.scoring import REFERENCE_CHOICES, SCORERS
 
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 # "paper": the paper's equations where it is explicit; "release": every choice as the released
@@ -132,14 +132,21 @@ class CoreOptions:
     eval_on: str = option("seen", "evaluate seen tasks after each task, or all tasks (full "
                           "matrix, unseen-task curves, FWT)", "str", EVALUATION,
                           choices=("seen", "all"))
-    eval_mode: str = option("generate", "greedy generation + exact match, or the most likely "
-                            "label", "str", EVALUATION, choices=("generate", "rank"))
+    eval_mode: str = option("generate", "greedy generation scored by each task's metric, or the "
+                            "most likely label (classification tasks only)", "str", EVALUATION,
+                            choices=("generate", "rank"))
     prefix_cache: bool = option(True, "run the prompts' shared prefix once in evaluation; same "
                                 "predictions (causal models)", "bool", EVALUATION)
     # scoring (nlora.scoring): normalised exact match as the field reports it, or strict
     scorer: str = option("normalised", "exact match after lower-casing and removing "
                          "punctuation and extra spaces, as the field reports (normalised), or "
                          "strict", "str", EVALUATION, choices=SCORERS)
+    references: str = option("all", "generation tasks (SuperNI, a user's): score an answer "
+                             "against every reference of its row, the best counting, as "
+                             "Super-NaturalInstructions' evaluation (all), or against the one "
+                             "reference drawn per row at load, seeded, as the post-N-LoRA "
+                             "releases (drawn); training always uses the drawn one", "str",
+                             EVALUATION, choices=REFERENCE_CHOICES)
     count_unlabelled: bool = option(False, "keep test rows whose label is not in labels.json "
                                     "(MNLI's '-') in the denominator as wrong answers, as the "
                                     "release", "bool", EVALUATION)

@@ -1,4 +1,7 @@
-"""Benchmark tasks in the O-LoRA / N-LoRA ``CL_Benchmark`` layout, and their prompts.
+"""Benchmark tasks in the O-LoRA / N-LoRA ``CL_Benchmark`` layout, and their prompts; what
+every task shares (``Task``, ``Example``, finding a task by name, ``load_task``, which hands a
+folder to its family: ``nlora.families`` defines classification here, SuperNI and a user's
+task folders).
 
 Layout: ``DATA/<CATEGORY>/<DATASET>/{train,test,labels}.json``; each split is a JSON
 list of ``{"sentence": str, "label": str}`` and ``labels.json`` lists the label strings.
@@ -80,19 +83,32 @@ class TaskNotFound(DataError):
 
 @dataclass(frozen=True)
 class Example:
+    """One row: its own text, its training target (``label``) and its prompt.
+
+    ``references``: every acceptable answer of a generation task (the label is one of them);
+    empty for classification, whose one answer is the label. ``max_target``: target tokens
+    kept in training, EOS included (None: all). Both keyword-only, so subclasses keep their
+    positional fields.
+    """
+
     sentence: str
     label: str
     prompt: str
+    references: tuple[str, ...] = field(default=(), kw_only=True)
+    max_target: int | None = field(default=None, kw_only=True)
 
 
 @dataclass
 class Task:
     """One dataset of the benchmark, with its prompts built and splits loaded."""
 
-    name: str  # "CATEGORY/DATASET"
+    name: str  # "CATEGORY/DATASET", or "DATASET" for a task folder at the top of the data dir
     category: str
     dataset: str
-    labels: list[str]
+    labels: list[str]  # the label set (classification, accuracy); empty for generation tasks
+    family: str = "classification"  # nlora.families: how the task is read, prompted, scored
+    metric: str = "accuracy"  # nlora.scoring.METRICS
+    max_new_tokens: int | None = None  # generation length; None: longest label + 1
     train: list[Example] = field(default_factory=list)
     test: list[Example] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)  # split -> rows left out
@@ -175,30 +191,47 @@ def merged_instructions(extra: Mapping[str, str] | None) -> dict[str, str]:
     return {**INSTRUCTIONS, **(extra or {})}
 
 
+def task_name(category: str, dataset: str) -> str:
+    """A task's name: ``CATEGORY/DATASET``, or ``DATASET`` for a folder at the data dir's top."""
+    return f"{category}/{dataset}" if category else dataset
+
+
+def is_task_folder(folder: Path) -> bool:
+    """A folder at the data dir's top that is itself a task (a user's task folder,
+    ``nlora.families``), not a category."""
+    return any((folder / f).is_file() for f in ("train.jsonl", "test.jsonl", "task.yaml"))
+
+
+def task_folders(data_dir: Path) -> list[tuple[str, str]]:
+    """(category, dataset) of every candidate task folder: ``CATEGORY/DATASET/`` two levels
+    down, or a task folder at the top (category "")."""
+    out = []
+    for top in _subdirs(data_dir):
+        if is_task_folder(top):
+            out.append(("", top.name))
+        else:
+            out += [(top.name, d.name) for d in _subdirs(top)]
+    return out
+
+
 def resolve_task(data_dir: Path, name: str) -> tuple[str, str]:
-    """Map ``CAT/DS`` or a unique ``DS`` (case-insensitive, aliases allowed) to (cat, ds)."""
+    """Map ``CAT/DS`` or a unique ``DS`` (case-insensitive, aliases allowed) to (cat, ds);
+    cat is "" for a task folder at the top of ``data_dir``."""
     wanted = name.strip()
+    folders = task_folders(data_dir)
     if "/" in wanted:
         category, dataset = wanted.split("/", 1)
-        candidates = [
-            (c.name, d.name)
-            for c in _subdirs(data_dir)
-            for d in _subdirs(c)
-            if c.name.lower() == category.lower() and d.name.lower() == dataset.lower()
-        ]
+        candidates = [(c, d) for c, d in folders
+                      if c.lower() == category.lower() and d.lower() == dataset.lower()]
     else:
         key = ALIASES.get(wanted.lower(), wanted.lower())
-        candidates = [
-            (c.name, d.name)
-            for c in _subdirs(data_dir)
-            for d in _subdirs(c)
-            if d.name.lower() == key
-        ]
+        candidates = [(c, d) for c, d in folders if d.lower() == key]
     if len(candidates) > 1:
-        options = ", ".join(f"{c}/{d}" for c, d in candidates)
+        options = ", ".join(task_name(c, d) for c, d in candidates)
         raise DataError(f"task {name!r} is ambiguous in {data_dir}: use one of {options}")
     if not candidates:
-        raise TaskNotFound(f"task {name!r} not found in {data_dir} (expected CATEGORY/DATASET/)")
+        raise TaskNotFound(f"task {name!r} not found in {data_dir} (expected CATEGORY/DATASET/ "
+                           "or a task folder)")
     return candidates[0]
 
 
@@ -209,12 +242,15 @@ def _subdirs(path: Path) -> list[Path]:
 def task_is_available(data_dir: Path, name: str) -> bool:
     """True when the task resolves and has both a train and a test split (a name found in
     several categories is an error: ambiguous)."""
+    from nlora.families import family_of  # the families build on this module
+
     try:
         category, dataset = resolve_task(data_dir, name)
     except TaskNotFound:
         return False
     folder = data_dir / category / dataset
-    return (folder / "train.json").is_file() and (folder / "test.json").is_file()
+    family = family_of(folder)
+    return family is not None and family.is_runnable(folder)
 
 
 def _read_json(path: Path) -> object:
@@ -334,20 +370,49 @@ def load_task(
     count_unlabelled: bool = False,
     eval_split: str = "test",
     validation_per_task: int | None = None,
+    references: str = "all",
 ) -> Task:
-    """Load, validate, subsample and prompt one task.
+    """Load, validate, subsample and prompt one task, as its family reads it
+    (``nlora.families``: classification, SuperNI, a user's task folder).
 
     ``instructions``: category -> instruction (default: the paper's). ``count_unlabelled``
     keeps test rows whose label is not in labels.json (counted in ``unlabelled``, not
-    ``skipped``).
+    ``skipped``). ``references`` (generation tasks): score against all of a row's references
+    (``all``) or the one drawn at load (``drawn``, the releases).
 
-    ``eval_split="validation"``: ``task.test`` is a validation split carved from train.json
-    (``carve_validation``) and training subsamples only the rest; test.json is never opened.
+    ``eval_split="validation"``: ``task.test`` is a validation split carved from the training
+    rows (``carve_validation``) and training subsamples only the rest; test.json is never
+    opened.
     """
+    from nlora.families import LoadRequest, family_of  # the families build on this module
+
     if eval_split not in ("test", "validation"):
         raise ConfigError(f"eval_split must be test or validation, got {eval_split!r}")
     category, dataset = resolve_task(data_dir, name)
     folder = data_dir / category / dataset
+    family = family_of(folder)
+    if family is None:
+        raise DataError(f"{folder}: not a task folder (no labels.json, NI task files "
+                        "train.json/test.json, or train.jsonl/test.jsonl)")
+    request = LoadRequest(train_per_task, test_per_task, seed, splits, instructions,
+                          count_unlabelled, eval_split, validation_per_task, references)
+    return family.load(folder, category, dataset, request)
+
+
+def load_classification(
+    folder: Path,
+    category: str,
+    dataset: str,
+    train_per_task: int | None = None,
+    test_per_task: int | None = None,
+    seed: int = 42,
+    splits: tuple[str, ...] = ("train", "test"),
+    instructions: Mapping[str, str] | None = None,
+    count_unlabelled: bool = False,
+    eval_split: str = "test",
+    validation_per_task: int | None = None,
+) -> Task:
+    """A classification task (``CATEGORY/DATASET/{train,test,labels}.json``), see load_task."""
     labels = read_labels(folder / "labels.json")
     task = Task(name=f"{category}/{dataset}", category=category, dataset=dataset, labels=labels)
     sizes = {"train": train_per_task, "test": test_per_task}

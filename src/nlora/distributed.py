@@ -98,6 +98,7 @@ def evaluate_tasks(
         preds = predict(
             eval_model, encoder, [task.test[k] for k in mine], task.labels, batch_size,
             mode, desc=f"eval {task.dataset}", prefix_cache=prefix_cache,
+            max_new_tokens=task.max_new_tokens,
         )
         preds = [Prediction(mine[p.index], p.prediction, p.label) for p in preds]
         if accelerator.num_processes > 1:

@@ -1,7 +1,9 @@
 """Answers on a task's test split: greedy decoding (scored by ``nlora.scoring``).
 
-Generation stops after the longest label's token count plus one (room for EOS): no
-correct answer is longer, so longer decoding only costs time. Prompts are sorted by
+Generation stops after the task's answer length (``Task.max_new_tokens``, set by its family:
+50 tokens for SuperNI) or, for classification, after the longest label's token count plus one
+(room for EOS): no correct answer is longer, so longer decoding only costs time. Each row
+stops at its own EOS (the batch ends when every row has). Prompts are sorted by
 length so batches carry little padding; predictions come back in the original order.
 ``generate`` keeps the prompt's key/value cache between steps (``use_cache`` is on by
 default) and, for causal models, projects only the last position onto the vocabulary.
@@ -96,10 +98,13 @@ def generate_answers(
     batch_size: int = 32,
     desc: str = "eval",
     prefix_cache: bool = True,
+    max_new_tokens: int | None = None,
 ) -> list[Prediction]:
+    """Greedy answers, at most ``max_new_tokens`` tokens (None: longest label + 1)."""
     was_training = model.training
     model.eval()
-    max_new_tokens = max(len(encoder.label_ids(label)) for label in labels) + 1
+    if max_new_tokens is None:
+        max_new_tokens = max(len(encoder.label_ids(label)) for label in labels) + 1
     texts: dict[int, str] = {}
     for chunk, batch, cache in _prompt_batches(
         model, encoder, examples, batch_size, desc, prefix_cache
@@ -134,13 +139,16 @@ def predict(
     mode: str = "generate",
     desc: str = "eval",
     prefix_cache: bool = True,
+    max_new_tokens: int | None = None,
 ) -> list[Prediction]:
     """Predictions by greedy generation (``generate``) or by label likelihood (``rank``).
 
     ``prefix_cache``: run the prompts' shared prefix once (causal models; same predictions).
+    ``max_new_tokens``: the answer length of generation (None: longest label + 1).
     """
     if mode == "generate":
-        return generate_answers(model, encoder, examples, labels, batch_size, desc, prefix_cache)
+        return generate_answers(model, encoder, examples, labels, batch_size, desc, prefix_cache,
+                                max_new_tokens)
     if mode == "rank":
         return rank_answers(model, encoder, examples, labels, batch_size, desc, prefix_cache)
     raise ValueError(f"eval mode must be one of {EVAL_MODES}, got {mode!r}")

@@ -24,6 +24,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from nlora.param_metrics import ThresholdMode, nonzero_mask  # noqa: E402
+from nlora.scoring import METRIC_TITLES  # noqa: E402
 
 # Fig. 2's palette: gray near zero, green task i, blue task j, red collisions
 COLLISION_COLOURS = ["#d9d9d9", "#2ca02c", "#1f77b4", "#d62728"]
@@ -42,7 +43,8 @@ def _short(task: str) -> str:
 
 
 def accuracy_heatmap(run: dict[str, Any], path: Path | str) -> Path:
-    """a[i][j], accuracy on task i after training task j; blank where not measured."""
+    """a[i][j], the score of task i after training task j (accuracy, or the task's own
+    metric: ROUGE-L, exact match); blank where not measured."""
     acc = run["accuracy"] or [[None]]
     t = len(acc)
     data = np.array([[math.nan if v is None else v for v in row] for row in acc], dtype=float)
@@ -64,9 +66,13 @@ def accuracy_heatmap(run: dict[str, Any], path: Path | str) -> Path:
                     colour = "black" if data[i, j] > 60 else "white"
                     ax.text(j, i, f"{data[i, j]:.1f}", ha="center", va="center",
                             fontsize=8, color=colour)
-    fig.colorbar(im, ax=ax, label="accuracy (%)", fraction=0.046, pad=0.04)
+    kinds = sorted(set(run.get("metrics") or ["accuracy"]))
+    what = "score (each task's metric)" if len(kinds) > 1 else METRIC_TITLES.get(kinds[0],
+                                                                                  kinds[0])
+    fig.colorbar(im, ax=ax, label=what, fraction=0.046, pad=0.04)
     aa = run["scores"].get("AA")
-    ax.set_title(f"{run['name']}: accuracy matrix" + (f" (AA {aa:.1f})" if aa is not None else ""))
+    title = "accuracy" if what == "accuracy (%)" else "score"
+    ax.set_title(f"{run['name']}: {title} matrix" + (f" (AA {aa:.1f})" if aa is not None else ""))
     return _save(fig, path)
 
 

@@ -104,7 +104,8 @@ def verify_predictions(loaded: LoadedModel) -> tuple[int, int]:
                 continue
             model = loaded.method.eval_model(loaded.model, i)
             preds = predict(model, encoder, task.test, task.labels, config.eval_batch_size,
-                            config.eval_mode, desc=f"verify {task.dataset}")
+                            config.eval_mode, desc=f"verify {task.dataset}",
+                            max_new_tokens=task.max_new_tokens)
             for p in preds:
                 total += 1
                 matching += recorded[task.name].get(p.index) == p.prediction

@@ -1,4 +1,5 @@
-"""The paper's task orders (Table 7) with their hyperparameters (Appendix 7.5).
+"""The paper's task orders (Table 7) with their hyperparameters (Appendix 7.5), and the
+SuperNI orders 1 and 2 of the post-N-LoRA papers (``superni1``, ``superni2``).
 
 ``paper_lambda`` is the sparsity weight the paper used. The paper tuned it for the public
 code's r x r form of the penalty (``--l1-on reference``); for the default ΔW form nlora
@@ -24,7 +25,32 @@ class Order:
     batch_size: int
     paper_lambda: float | tuple[float, ...]
     model: str = "T5-large"
+    source: str = "paper Appendix 7.5"  # where the order's hyperparameters come from
 
+
+SUPERNI_ORDER1 = (
+    "task1572_samsum_summary", "task363_sst2_polarity_classification",
+    "task1290_xsum_summarization", "task181_outcome_extraction",
+    "task002_quoref_answer_generation", "task1510_evalution_relation_extraction",
+    "task639_multi_woz_user_utterance_generation", "task1729_personachat_generate_next",
+    "task073_commonsenseqa_answer_generation", "task1590_diplomacy_text_generation",
+    "task748_glucose_reverse_cause_event_detection",
+    "task511_reddit_tifu_long_text_summarization", "task591_sciq_answer_generation",
+    "task1687_sentiment140_classification", "task875_emotion_classification",
+)
+SUPERNI_ORDER2 = (
+    "task748_glucose_reverse_cause_event_detection",
+    "task073_commonsenseqa_answer_generation", "task1590_diplomacy_text_generation",
+    "task639_multi_woz_user_utterance_generation", "task1572_samsum_summary",
+    "task1687_sentiment140_classification", "task591_sciq_answer_generation",
+    "task363_sst2_polarity_classification", "task1510_evalution_relation_extraction",
+    "task1729_personachat_generate_next", "task181_outcome_extraction",
+    "task511_reddit_tifu_long_text_summarization", "task002_quoref_answer_generation",
+    "task1290_xsum_summarization", "task875_emotion_classification",
+)
+
+SUPERNI_SOURCE = ("SuperNI releases' lr and batch, nlora's epochs, λ untuned "
+                  "(docs/benchmarks.md)")
 
 _STANDARD = dict(learning_rate=1e-3, epochs=10, batch_size=32, paper_lambda=0.4)
 
@@ -54,6 +80,16 @@ ORDERS: dict[str, Order] = {
              "agnews", "yahoo", "multirc", "boolqa", "wic"),
             learning_rate=1e-3, epochs=10, batch_size=32, paper_lambda=1.8,
         ),
+        # SuperNI orders 1 and 2 of SAPT, InfLoRA/GainLoRA, SLAO, AIMMerging
+        # (../shared/CL_Benchmark/README.md). The releases' T5 schedule: constant lr 3e-4,
+        # batch 4 x 8 accumulation = 32, up to 100 epochs keeping the checkpoint best on test
+        # answers (dev = test), which nlora does not copy: 10 epochs, as orders 1-3 (nlora's
+        # choice, docs/benchmarks.md). λ: the N-LoRA paper tuned none for SuperNI; the
+        # reference 0.4 keeps nlora's default λ unscaled.
+        Order("superni1", SUPERNI_ORDER1, learning_rate=3e-4, epochs=10, batch_size=32,
+              paper_lambda=0.4, source=SUPERNI_SOURCE),
+        Order("superni2", SUPERNI_ORDER2, learning_rate=3e-4, epochs=10, batch_size=32,
+              paper_lambda=0.4, source=SUPERNI_SOURCE),
         # LLaMA-7B settings of orders 1-3 (Appendix 7.5): per-task learning rates and epochs.
         Order("order1-llama", ("dbpedia", "amazon", "yahoo", "agnews"),
               learning_rate=(1e-3, 1e-4, 1e-4, 1e-4), epochs=(1, 10, 1, 1), batch_size=4,

@@ -136,7 +136,7 @@ def preset_layers(
     notes: list[str] = []
     if order is not None:  # the N-LoRA paper's settings of the order (Appendix 7.5)
         for field in ORDER_PRESETS:
-            merged[field] = (_plain(getattr(order, field)), f"paper Appendix 7.5 ({order.name})")
+            merged[field] = (_plain(getattr(order, field)), f"{order.source} ({order.name})")
     facts = get_method(method)
     for field, value in facts.defaults.items():
         merged[field] = (value, f"nlora default for {method} (docs/methods.md)")

@@ -25,6 +25,7 @@ from nlora.param_metrics import (
     ThresholdMode,
 )
 from nlora.rundir import load_task_updates, refuse_output_in_run, require_run_dir
+from nlora.scoring import METRIC_TITLES
 
 
 @dataclass
@@ -113,6 +114,18 @@ def _unseen_cell(r: dict[str, Any]) -> str:
     return ", ".join(f"{t}: {_fmt(v['final'], 1)}" for t, v in r["unseen"].items())
 
 
+def _metric_note(r: dict[str, Any]) -> str:
+    """Which metric scores each task of a run, and the mean final exact match beside."""
+    by_metric: dict[str, list[str]] = {}
+    for k, metric in enumerate(r["metrics"]):
+        by_metric.setdefault(metric, []).append(str(k + 1))
+    parts = [f"{METRIC_TITLES.get(m, m)} for task{'s' if len(ks) > 1 else ''} {', '.join(ks)}"
+             for m, ks in by_metric.items()]
+    em = r["scores"].get("EM")
+    return "; ".join(parts) + (f"; mean final exact match {_fmt(em, 1)}" if em is not None
+                               else "")
+
+
 def _square_table(m: list[list[Any]], tasks: list[str]) -> str:
     header = ["task"] + [str(k + 1) for k in range(len(m))]
     rows = [[f"{i + 1}. {tasks[i] if i < len(tasks) else ''}"] + list(row)
@@ -171,6 +184,10 @@ def write_report(
                _summary_rows(results)),
         "",
     ]
+    scored = [(r["name"], _metric_note(r)) for r in results if set(r["metrics"]) != {"accuracy"}]
+    if scored:  # AA, F.Ra, BWT and FWT are then over each task's own metric
+        md += ["Scores not in accuracy (AA, F.Ra, BWT and FWT are over each task's own "
+               "metric):", ""] + [f"- **{name}**: {n}" for name, n in scored] + [""]
     notes = [(r["name"], n) for r in results for n in r["notes"]]
     if notes:
         md += ["Notes:", ""] + [f"- **{name}**: {n}" for name, n in notes] + [""]
@@ -196,6 +213,8 @@ def write_report(
                f"`{r['dir']}` — method {r['method']}, model {r['model']}, "
                f"tasks: {' → '.join(r['tasks'])}", ""]
         md += [f"- {n}" for n in r["notes"]] + ([""] if r["notes"] else [])
+        if set(r["metrics"]) != {"accuracy"}:
+            md += [_metric_note(r), ""]
         if r["accuracy"]:
             figures.accuracy_heatmap(r, out / f"{slug}_accuracy.png")
             md += [f"![accuracy matrix]({slug}_accuracy.png)", ""]

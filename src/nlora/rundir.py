@@ -364,7 +364,16 @@ def collect_metrics(
     metrics: dict[str, Any] = {
         "tasks": names, "finished": finished, "eval_mode": eval_mode, "scorer": scorer,
         "accuracy": matrix,
+        # the metric of each task's row of the matrix ("accuracy" keeps its key for every
+        # metric, so earlier runs read alike): nlora.scoring.METRICS
+        "metrics": [t.metric for t in tasks],
     }
+    if any(t.metric == "rougeL" for t in tasks):  # exact match (%) beside ROUGE-L
+        metrics["exact_match"] = exact = [[None] * len(folders) for _ in tasks]
+        for j, folder in enumerate(folders[:finished]):
+            for name, value in (read_done(folder).get("exact_match") or {}).items():
+                if name in names:
+                    exact[names.index(name)][j] = value
     zero = zero_shot_folder(out_dir) / "done.json"
     if zero.is_file():
         record = read_done(zero.parent)
@@ -381,6 +390,10 @@ def collect_metrics(
             metrics["unseen"] = unseen
     if finished == len(folders):
         metrics["summary"] = summarize(matrix)
+        if "exact_match" in metrics:  # mean final exact match, beside AA (mean final ROUGE-L)
+            final = [row[-1] for row in metrics["exact_match"]]
+            if all(v is not None for v in final):
+                metrics["summary"]["EM"] = sum(final) / len(final)
         if last_counts and all(name in last_counts for name in names):
             right = sum(last_counts[name][0] for name in names)
             rows = sum(last_counts[name][1] for name in names)

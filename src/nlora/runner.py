@@ -60,7 +60,7 @@ from nlora.rundir import (
     write_record,
     zero_shot_folder,
 )
-from nlora.scoring import is_correct, scored_form
+from nlora.scoring import row_score, scored_form
 from nlora.tables import format_results
 from nlora.tracking import check_report_to, tracker_setup
 from nlora.train import Diverged, StepRecord, micro_batch_size, train_task
@@ -105,23 +105,42 @@ def _attach_log_file(out_dir: Path) -> logging.Handler:
 def load_tasks(config: RunConfig) -> list[Task]:
     """Read and validate every task before any training, so bad data fails up front."""
     instructions = merged_instructions(config.instructions)
-    return [
+    tasks = [
         load_task(
             Path(config.data_dir), name, config.train_per_task, config.test_per_task,
             config.seed, instructions=instructions, count_unlabelled=config.count_unlabelled,
             eval_split=config.eval_split, validation_per_task=config.validation_per_task,
+            references=config.references,
         )
         for name in config.tasks
     ]
+    families = get_method(config.method).task_families
+    for task in tasks:
+        if families is not None and task.family not in families:
+            raise ConfigError(f"method {config.method} learns {', '.join(families)} tasks "
+                              f"only; {task.name} is a {task.family} task")
+    if config.eval_mode == "rank":
+        for task in tasks:
+            if not task.labels:
+                raise ConfigError(f"--eval-mode rank ranks a task's labels; {task.name} "
+                                  f"({task.family}, {task.metric}) has none: use "
+                                  "--eval-mode generate")
+    return tasks
 
 
 def _log_data_notes(config: RunConfig, tasks: list[Task]) -> None:
     instructions = merged_instructions(config.instructions)
     for task in tasks:
         if task.validation:
-            log.info("%s: evaluated on %d validation rows carved from train.json (stratified, "
-                     "seed %s), not on test.json", task.name, task.validation["rows"],
-                     task.validation["seed"])
+            how = task.validation
+            if "seed" in how:
+                drawn = ("stratified, " if how["stratified"] else "at random, ") + \
+                    f"seed {how['seed']}"
+                log.info("%s: evaluated on %d validation rows carved from %s (%s), not on the "
+                         "test split", task.name, how["rows"], how["source"], drawn)
+            else:  # a user task folder's own validation.jsonl
+                log.info("%s: evaluated on its %d rows of %s, not on the test split", task.name,
+                         how["rows"], how["source"])
         for split, count in task.skipped.items():
             if count:
                 log.warning(
@@ -138,7 +157,7 @@ def _log_data_notes(config: RunConfig, tasks: list[Task]) -> None:
             flag = "--train-per-task" if split == "train" else "--test-per-task"
             log.warning("%s %s: %s %d is more than its %d rows; using all %d",
                         task.name, split, flag, asked, there, there)
-        if task.category not in instructions:
+        if task.family == "classification" and task.category not in instructions:
             log.info(
                 "note: category %s has no instruction (paper Table 6 has %s); %s gets the "
                 "released code's bare prompt (Task/Dataset header, the sentence, Answer:); "
@@ -400,38 +419,59 @@ class TrainingDiverged(NloraError):
 
 
 class Judge:
-    """Scores predictions with the run's scorer (``nlora.scoring``), for records and logs."""
+    """Scores predictions by each task's metric (``nlora.scoring``) with the run's scorer, for
+    records and logs."""
 
     def __init__(self, config: RunConfig, causal: bool) -> None:
         self.scorer = config.scorer
         self.causal = causal
+        self.references = config.references
 
-    def verdicts(self, task: Task, preds: list[Prediction]) -> list[bool]:
-        labels = set(task.labels)  # a row labelled outside them (kept "-" rows) is wrong
-        return [is_correct(p.prediction, p.label, self.scorer, self.causal, labels)
-                for p in preds]
+    def row_scores(self, task: Task, preds: list[Prediction]) -> list[tuple[float, bool]]:
+        """(score, exact match) per row."""
+        if task.metric == "accuracy":
+            labels = set(task.labels)  # a row labelled outside them (kept "-" rows) is wrong
+            return [row_score("accuracy", p.prediction, [p.label], self.scorer, self.causal,
+                              labels) for p in preds]
+        return [row_score(task.metric, p.prediction, self._references(task, p), self.scorer,
+                          self.causal) for p in preds]
+
+    def _references(self, task: Task, pred: Prediction) -> list[str]:
+        """All of the row's references, or the one drawn at load (its label)."""
+        if self.references == "drawn":
+            return [pred.label]
+        return list(task.test[pred.index].references) or [pred.label]
 
     def score(
         self, tasks: list[Task], predictions: dict[int, list[Prediction]]
     ) -> tuple[dict[str, Any], list[str]]:
-        """done.json's accuracy (percent) and counts ([correct, rows]) per task, and the
-        lines of predictions.jsonl (raw answer, normalised form, verdict), from one pass of
-        verdicts."""
-        verdicts = {i: self.verdicts(tasks[i], p) for i, p in predictions.items()}
-        counts = {tasks[i].name: [sum(v), len(v)] for i, v in verdicts.items()}
-        record = {"scorer": self.scorer,
-                  "accuracy": {name: 100.0 * c / n for name, (c, n) in counts.items()},
-                  "counts": counts}
-        lines = [
-            json.dumps(
-                {"task": tasks[i].name, "index": p.index, "prediction": p.prediction,
-                 "normalised": scored_form(p.prediction, "normalised", self.causal),
-                 "label": p.label, "correct": ok},
-                ensure_ascii=False,
-            )
-            for i, preds in predictions.items()
-            for p, ok in zip(preds, verdicts[i], strict=True)
-        ]
+        """done.json's scores per task (``accuracy``: the score under the task's metric, named
+        in ``metric``; the key keeps its name so earlier runs read alike), counts ([correct,
+        rows]) of exact-match tasks, exact match (%) beside ROUGE-L, and the lines of
+        predictions.jsonl, from one pass of row scores."""
+        scored = {i: self.row_scores(tasks[i], p) for i, p in predictions.items()}
+        record: dict[str, Any] = {
+            "scorer": self.scorer,
+            "accuracy": {tasks[i].name: sum(s for s, _ in v) / len(v) for i, v in scored.items()},
+            "counts": {tasks[i].name: [sum(e for _, e in v), len(v)] for i, v in scored.items()
+                       if tasks[i].metric != "rougeL"},
+            "metric": {tasks[i].name: tasks[i].metric for i in scored},
+        }
+        if any(t.metric == "rougeL" for t in tasks):
+            record["references"] = self.references
+            record["exact_match"] = {tasks[i].name: 100.0 * sum(e for _, e in v) / len(v)
+                                     for i, v in scored.items()}
+        lines = []
+        for i, preds in predictions.items():
+            task = tasks[i]
+            for p, (value, exact) in zip(preds, scored[i], strict=True):
+                line = {"task": task.name, "index": p.index, "prediction": p.prediction,
+                        "normalised": scored_form(p.prediction, "normalised", self.causal),
+                        "label": p.label, "correct": exact}
+                if task.metric != "accuracy":
+                    line["references"] = self._references(task, p)
+                    line[task.metric] = value
+                lines.append(json.dumps(line, ensure_ascii=False))
         return record, lines
 
 

@@ -92,7 +92,8 @@ def cmd_orders(args: argparse.Namespace) -> int:
     for order in ORDERS.values():
         print(f"{order.name:<13} {' -> '.join(order.tasks)}")
         print(f"{'':<13} lr {order.learning_rate}, epochs {order.epochs}, batch "
-              f"{order.batch_size}, paper λ {order.paper_lambda} ({order.model})")
+              f"{order.batch_size}, paper λ {order.paper_lambda} ({order.model})"
+              + ("" if order.source == "paper Appendix 7.5" else f"; {order.source}"))
     return 0
 
 

@@ -65,6 +65,8 @@ class ContinualMethod:
     # parameter-space metrics of `nlora report` that do not apply to this method's saved
     # adapters (e.g. OO, when the saved factors are not a learned A but a factorisation of ΔW)
     undefined_metrics: ClassVar[tuple[str, ...]] = ()
+    # the task families (nlora.families) it can learn; None: every one
+    task_families: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, config: RunConfig, is_seq2seq: bool) -> None:
         self.config = config

@@ -80,7 +80,8 @@ class TaggedExample(Example):
 
 def tagged(example: Example, task: Task, replayed: bool = False) -> TaggedExample:
     return TaggedExample(example.sentence, example.label, example.prompt, task_prefix(task),
-                         replayed)
+                         replayed, references=example.references,
+                         max_target=example.max_target)
 
 
 def parse_samples(task: Task, texts: list[str], per_label: int) -> list[TaggedExample]:
@@ -141,6 +142,8 @@ class LFPT5(ContinualMethod):
                "replay")
     options = LFPT5Options
     defaults = {"learning_rate": 0.5}  # LFPT5 code (Adafactor there)
+    # pseudo samples are kept by their label and given the classification prompt
+    task_families = ("classification",)
 
     def __init__(self, config, is_seq2seq: bool) -> None:
         super().__init__(config, is_seq2seq)

@@ -38,11 +38,12 @@ METRICS: dict[str, str] = {
     "AA": "max", "AA_pooled": "max", "F.Ra": "min", "BWT": "max", "FWT": "max",
     "ACR": "min", "ACR_exact": "min", "density": "min", "density_exact": "min", "OO": "min",
     "subspace_use": "", "minutes": "min",
+    "EM": "max",  # mean final exact match, in runs with a ROUGE-L task (docs/benchmarks.md)
 }
 # from the saved adapters (nlora.analysis); ACR and density at 1 % of each matrix's max and
 # at exactly zero (_exact); subspace_use: Σσ/σ_max of ΔW (docs/metrics.md)
 PARAMETER_METRICS = ("ACR", "ACR_exact", "density", "density_exact", "OO", "subspace_use")
-SELECTABLE = ("AA", "AA_pooled", "F.Ra", "BWT", "FWT")  # scored on validation rows
+SELECTABLE = ("AA", "AA_pooled", "F.Ra", "BWT", "FWT", "EM")  # scored on validation rows
 # set by the study itself for each cell, never by the spec's options
 STUDY_KEYS = ("method", "order", "tasks", "seed", "eval_split", "validation_per_task")
 TOP = ("name", "options", "methods", "orders", "seeds", "select", "report", "resources")
