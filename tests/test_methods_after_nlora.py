@@ -1,0 +1,142 @@
+"""The methods after N-LoRA (ELLA, JumpLoRA, SLAO, SD-LoRA, ...): each one's defining property
+against an independent computation, on tiny models. End-to-end runs and resume after an
+interruption come from tests/test_methods.py, which runs every registered method."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_TASKS
+from safetensors.torch import load_file
+
+from nlora.config import RunConfig
+
+
+def _run_tasks(method, model_dir, data_dir, out: Path, n=2, epochs=1, lr=1e-2, before=None):
+    """The runner's loop by hand for ``n`` tasks; the model's state_dict after each task."""
+    from accelerate import Accelerator
+
+    from nlora.batching import Encoder
+    from nlora.data import load_task
+    from nlora.model import load_backbone
+    from nlora.train import train_task
+
+    backbone = load_backbone(str(model_dir))
+    encoder = Encoder(backbone.tokenizer, backbone.is_seq2seq, 64)
+    method.encoder = encoder
+    tasks = [load_task(data_dir, name, 8, 4, seed=0) for name in TINY_TASKS[:n]]
+    model, states = backbone.model, []
+    for j in range(n):
+        torch.manual_seed(j)
+        if before is not None:
+            before(method, j)
+        model = method.begin_task(model, j, tasks[j])
+        model, _ = train_task(model, method, j, tasks[j].train, encoder, Accelerator(cpu=True),
+                              lr, epochs, 4, 0.0, seed=j)
+        model = method.end_task(model, j, tasks[j], out / f"t{j}")
+        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    return model, states, tasks
+
+
+def _plain_peft_merged(model_dir, adapters: list[Path]) -> dict[str, torch.Tensor]:
+    """The base model with ``adapters`` merged in order by plain PEFT."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    for adapter in adapters:
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model.state_dict()
+
+
+# --- ELLA -------------------------------------------------------------------------------------
+
+def test_ella_penalty_is_the_hand_computed_sum_of_squared_entrywise_products():
+    from nlora.methods.ella import ella_penalty
+
+    deltas = {"m1": torch.tensor([[1.0, -2.0], [0.5, 3.0]]),
+              "m2": torch.tensor([[1.0, 1.0, 1.0]]),
+              "m3": torch.tensor([[7.0]])}  # no past: not counted
+    past = {"m1": torch.tensor([[2.0, 0.0], [-1.0, 1.0]]), "m2": torch.tensor([[1.0, 2.0, 3.0]])}
+    # m1: (1·2)² + (−2·0)² + (0.5·−1)² + (3·1)² = 4 + 0 + 0.25 + 9; m2: 1 + 4 + 9
+    assert float(ella_penalty(deltas, past, "sum")) == pytest.approx(13.25 + 14.0)
+    assert float(ella_penalty(deltas, past, "mean")) == pytest.approx((13.25 + 14.0) / 2)
+    assert ella_penalty(deltas, {}, "sum") is None
+
+
+def test_ella_with_a_zero_past_or_zero_lambda_is_plain_lora(tiny_llama_dir, data_dir, tmp_path):
+    """λ = 0, or W_past = 0 (penalty and its gradient exactly zero): the very same adapters as
+    IncLoRA, bit for bit; and the first task (no past) is IncLoRA's whatever λ."""
+    from nlora.methods.ella import ELLA
+    from nlora.methods.inclora import IncLoRA
+
+    def zero_past(method, index):
+        method.past = {k: torch.zeros_like(v) for k, v in method.past.items()}
+
+    config = {"lora_r": 4, "tasks": TINY_TASKS}
+    _run_tasks(IncLoRA(RunConfig(**config), False), tiny_llama_dir, data_dir, tmp_path / "inc")
+    _run_tasks(ELLA(RunConfig(ella_lambda=0.0, **config), False), tiny_llama_dir, data_dir,
+               tmp_path / "zero-lambda")
+    zero = ELLA(RunConfig(ella_lambda=1e4, ella_reduce="sum", **config), False)
+    _run_tasks(zero, tiny_llama_dir, data_dir, tmp_path / "zero-past", before=zero_past)
+    assert zero.penalty is not None and zero.past  # the penalty ran, on a past of zeros
+    strong = ELLA(RunConfig(ella_lambda=1e4, **config), False)
+    _run_tasks(strong, tiny_llama_dir, data_dir, tmp_path / "strong")
+    for j in range(2):
+        want = load_file(tmp_path / f"inc/t{j}/adapter/adapter_model.safetensors")
+        runs = ["zero-lambda", "zero-past"] + (["strong"] if j == 0 else [])
+        for run in runs:
+            got = load_file(tmp_path / f"{run}/t{j}/adapter/adapter_model.safetensors")
+            assert got.keys() == want.keys() and all(got[k].equal(want[k]) for k in want), run
+    got = load_file(tmp_path / "strong/t1/adapter/adapter_model.safetensors")
+    assert any(not got[k].equal(want[k]) for k in want)  # with a past, the penalty acts
+
+
+@pytest.mark.slow  # three epochs of two tasks, twice
+def test_ella_updates_less_where_earlier_tasks_wrote_than_lora(tiny_llama_dir, data_dir,
+                                                               tmp_path):
+    """A past that marks a fifth of each module's positions: ELLA's second-task update is
+    much smaller there than IncLoRA's on the same data, and not much smaller elsewhere."""
+    from nlora.methods.ella import ELLA
+    from nlora.methods.inclora import IncLoRA
+    from nlora.sparse import lora_deltas
+
+    marked = {}
+
+    def mark(method, index):
+        if index == 1 and hasattr(method, "past"):  # 1.0 on random positions, 0 elsewhere
+            gen = torch.Generator().manual_seed(5)
+            for key, past in method.past.items():
+                marked[key] = torch.rand(past.shape, generator=gen) < 0.2
+                method.past[key] = marked[key].float()
+
+    updates = {}
+    for name, method in (("inc", IncLoRA(RunConfig(lora_r=4, tasks=TINY_TASKS), False)),
+                         ("ella", ELLA(RunConfig(lora_r=4, ella_lambda=1.0, ella_reduce="sum",
+                                                 tasks=TINY_TASKS), False))):
+        real_end = method.end_task
+
+        def spy(model, index, task, folder, real_end=real_end, name=name):
+            updates[name, index] = lora_deltas(model)
+            return real_end(model, index, task, folder)
+
+        method.end_task = spy
+        _run_tasks(method, tiny_llama_dir, data_dir, tmp_path / name, epochs=3, before=mark)
+    for key, m in marked.items():
+        ella, inc = updates["ella", 1][key].abs(), updates["inc", 1][key].abs()
+        ratio_ella = float(ella[m].mean() / ella[~m].mean())
+        ratio_inc = float(inc[m].mean() / inc[~m].mean())
+        assert float(ella[m].mean()) < 0.5 * float(inc[m].mean()), key
+        assert ratio_ella < ratio_inc, key  # and more there than elsewhere, relative to LoRA
+
+
+def test_ella_saved_adapters_load_with_plain_peft(tiny_llama_dir, data_dir, tmp_path):
+    from nlora.methods.ella import ELLA
+
+    method = ELLA(RunConfig(lora_r=4, tasks=TINY_TASKS), False)
+    _, states, _ = _run_tasks(method, tiny_llama_dir, data_dir, tmp_path)
+    plain = _plain_peft_merged(tiny_llama_dir, [tmp_path / "t0/adapter", tmp_path / "t1/adapter"])
+    for key, value in plain.items():
+        torch.testing.assert_close(states[1][key], value, rtol=0, atol=1e-6)
