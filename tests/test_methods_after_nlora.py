@@ -4,6 +4,7 @@ interruption come from tests/test_methods.py, which runs every registered method
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,83 @@ def test_ella_saved_adapters_load_with_plain_peft(tiny_llama_dir, data_dir, tmp_
     plain = _plain_peft_merged(tiny_llama_dir, [tmp_path / "t0/adapter", tmp_path / "t1/adapter"])
     for key, value in plain.items():
         torch.testing.assert_close(states[1][key], value, rtol=0, atol=1e-6)
+
+
+# --- JumpLoRA ---------------------------------------------------------------------------------
+
+def test_jumplora_threshold_gets_the_straight_through_gradient_written_out_by_hand():
+    from nlora.methods.jumplora import JumpDelta
+
+    tau, eps, scaling = 0.1, 0.01, 2.0
+    log_tau = torch.nn.Parameter(torch.tensor(math.log(tau)))
+    layer = JumpDelta(torch.zeros(2, 3), rank=2, scaling=scaling, log_threshold=log_tau,
+                      bandwidth=eps)
+    with torch.no_grad():  # B·A = [[0.102, 0.5, 0], [−0.098, 0, 0]]
+        layer.A.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+        layer.B.copy_(torch.tensor([[0.102, 0.5], [-0.098, 0.0]]))
+    raw = (layer.B @ layer.A).tolist()  # 0.102 and −0.098 lie within ε/2 of ±τ
+    layer.blend = 1.0
+    c = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    delta = layer.delta()
+    values = delta.detach()
+    # forward: scaling·x where |x| > τ, exactly 0 elsewhere
+    for i in range(2):
+        for j in range(3):
+            want = scaling * raw[i][j] if abs(raw[i][j]) > tau else 0.0
+            assert float(values[i, j]) == pytest.approx(want, abs=1e-7)
+    (c * delta).sum().backward()
+    # dL/dτ = −(τ/ε)·[mean K((x−τ)/ε)·g − mean K((−x−τ)/ε)·g], g = c·scaling; dτ/dlog τ = τ
+    def k(u):
+        return 1.0 if -0.5 < u < 0.5 else 0.0
+    pos = sum(k((raw[i][j] - tau) / eps) * c[i, j].item() * scaling
+              for i in range(2) for j in range(3)) / 6
+    neg = sum(k((-raw[i][j] - tau) / eps) * c[i, j].item() * scaling
+              for i in range(2) for j in range(3)) / 6
+    want = tau * (-(tau / eps) * (pos - neg))
+    assert pos != 0 and neg != 0 and log_tau.grad is not None
+    assert float(log_tau.grad) == pytest.approx(want, rel=1e-4)
+
+
+def test_jumplora_merges_an_update_exactly_zero_below_the_learned_threshold(
+    tiny_llama_dir, data_dir, tmp_path
+):
+    from nlora.methods.jumplora import JumpLoRA, jump_layers
+    from nlora.sparse import read_sparse_delta
+
+    config = RunConfig(lora_r=4, batch_size=4, epochs=3, tasks=TINY_TASKS)
+    method = JumpLoRA(config, False)
+    seen = {}
+    real_end, real_begin = method.end_task, method.begin_task
+
+    def spy_begin(model, index, task):
+        seen["before", index] = {k: v.clone() for k, v in model.state_dict().items()}
+        return real_begin(model, index, task)
+
+    def spy_end(model, index, task, folder):
+        layers = jump_layers(model)
+        seen["raw", index] = {n: (x.B @ x.A).detach().clone() for n, x in layers.items()}
+        seen["tau", index] = float(method.log_threshold.exp())
+        seen["blend", index] = {x.blend for x in layers.values()}
+        return real_end(model, index, task, folder)
+
+    method.begin_task, method.end_task = spy_begin, spy_end
+    model, states, _ = _run_tasks(method, tiny_llama_dir, data_dir, tmp_path, epochs=3)
+    scaling = config.lora_alpha / config.lora_r
+    for j in range(2):
+        assert seen["blend", j] == {1.0}  # fully sparse at the end of the schedule
+        tau = seen["tau", j]
+        info = method.task_info(j)
+        assert info["threshold"] == pytest.approx(tau)
+        assert info["initial_threshold"] != pytest.approx(tau)  # τ moved: it got gradient
+        saved = read_sparse_delta(tmp_path / f"t{j}/sparse_delta.safetensors")
+        assert set(saved) == set(seen["raw", j])
+        for name, raw in seen["raw", j].items():
+            delta = saved[name].delta()
+            below = raw.abs() <= tau
+            assert below.any() and (~below).any()
+            assert bool((delta[below] == 0).all())  # exactly zero, not small
+            torch.testing.assert_close(delta[~below], scaling * raw[~below])
+            weight = f"{name}.weight"  # the merged weights moved by exactly that update
+            torch.testing.assert_close(states[j][weight] - seen["before", j][weight], delta)
+    assert method.task_info(1)["density"] < 1.0
+    assert not any("parametrizations" in k for k in model.state_dict())  # plain model again
