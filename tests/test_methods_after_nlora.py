@@ -221,3 +221,67 @@ def test_jumplora_merges_an_update_exactly_zero_below_the_learned_threshold(
             torch.testing.assert_close(states[j][weight] - seen["before", j][weight], delta)
     assert method.task_info(1)["density"] < 1.0
     assert not any("parametrizations" in k for k in model.state_dict())  # plain model again
+
+
+# --- SLAO -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("b_init", ["finetuned", "merged"])
+def test_slao_merges_b_as_the_running_update_and_starts_from_orthonormal_a(
+    b_init, tiny_llama_dir, data_dir, tmp_path
+):
+    from nlora.adapters import lora_factors, module_key
+    from nlora.methods.slao import SLAO
+
+    method = SLAO(RunConfig(lora_r=4, slao_b_init=b_init, tasks=TINY_TASKS), False)
+    starts, trained = {}, {}
+    real_begin, real_end = method.begin_task, method.end_task
+
+    def spy_begin(model, index, task):
+        model = real_begin(model, index, task)
+        starts[index] = {module_key(f.name): (f.A.detach().clone(), f.B.detach().clone())
+                         for f in lora_factors(model)}
+        return model
+
+    def spy_end(model, index, task, folder):
+        trained[index] = {module_key(f.name): (f.A.detach().clone(), f.B.detach().clone())
+                          for f in lora_factors(model)}
+        return real_end(model, index, task, folder)
+
+    method.begin_task, method.end_task = spy_begin, spy_end
+    _run_tasks(method, tiny_llama_dir, data_dir, tmp_path, n=3)
+    saved = [load_file(tmp_path / f"t{j}/adapter/adapter_model.safetensors") for j in range(3)]
+    for key in trained[0]:
+        name = f"base_model.model.{key}"
+        merged_b = torch.zeros_like(trained[0][key][1])
+        for j in range(3):  # closed form: B_m,t = B_m,t-1 + (B_t − B_m,t-1)/√t
+            a_t, b_t = trained[j][key]
+            merged_b = merged_b + (b_t - merged_b) / math.sqrt(j + 1)
+            torch.testing.assert_close(saved[j][f"{name}.lora_B.weight"], merged_b)
+            assert saved[j][f"{name}.lora_A.weight"].equal(a_t)  # A ← A_t
+            if j:
+                a0, b0 = starts[j][key]
+                torch.testing.assert_close(a0 @ a0.T, torch.eye(4), atol=1e-5, rtol=0)
+                # the same row space as the previous A: projecting it on a0's rows keeps it
+                prev = trained[j - 1][key][0]
+                torch.testing.assert_close(prev @ a0.T @ a0, prev, atol=1e-5, rtol=0)
+                want_b = (trained[j - 1][key][1] if b_init == "finetuned"
+                          else saved[j - 1][f"{name}.lora_B.weight"])
+                assert b0.equal(want_b)
+    assert saved[1][f"{name}.lora_B.weight"].ne(trained[1][key][1]).any()  # really averaged
+
+
+def test_slao_saved_adapter_answers_with_plain_peft(tiny_llama_dir, data_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from nlora.methods.slao import SLAO
+
+    model, _, _ = _run_tasks(SLAO(RunConfig(lora_r=4, tasks=TINY_TASKS), False),
+                             tiny_llama_dir, data_dir, tmp_path)
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                                      tmp_path / "t1/adapter")
+    ids = torch.randint(4, 100, (2, 7))
+    model.eval()
+    plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, plain(input_ids=ids).logits)
