@@ -285,3 +285,70 @@ def test_slao_saved_adapter_answers_with_plain_peft(tiny_llama_dir, data_dir, tm
     plain.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
+# --- SD-LoRA ----------------------------------------------------------------------------------
+
+def test_sdlora_keeps_old_directions_and_learns_only_their_magnitudes_and_the_new_adapter(
+    tiny_llama_dir, data_dir, tmp_path
+):
+    from nlora.methods.sdlora import SDLoRA, sd_layers
+
+    config = RunConfig(lora_r=4, tasks=TINY_TASKS)
+    method = SDLoRA(config, False)
+    ended, started, trainable = {}, {}, {}
+    real_begin, real_end = method.begin_task, method.end_task
+
+    def spy_begin(model, index, task):
+        model = real_begin(model, index, task)
+        layers = sd_layers(model)
+        started[index] = {n: x.delta().detach().clone() for n, x in layers.items()}
+        trainable[index] = {id(p) for p in model.parameters() if p.requires_grad}
+        expected = set()
+        for x in layers.values():
+            expected |= {id(x.A), id(x.B), id(x.alpha)} | {id(m) for m in x.magnitudes}
+        assert trainable[index] == expected  # nothing else learns
+        return model
+
+    def spy_end(model, index, task, folder):
+        ended[index] = {n: (x.A.detach().clone(), x.B.detach().clone(), float(x.alpha.detach()),
+                            x.delta().detach().clone()) for n, x in sd_layers(model).items()}
+        return real_end(model, index, task, folder)
+
+    method.begin_task, method.end_task = spy_begin, spy_end
+    model, _, _ = _run_tasks(method, tiny_llama_dir, data_dir, tmp_path, n=3)
+    scaling = config.lora_alpha / config.lora_r
+    layers = sd_layers(model)
+    for name, layer in layers.items():
+        for i in range(3):
+            a, b, alpha, delta = ended[i][name]
+            assert layer.old_A[i].equal(a) and layer.old_B[i].equal(b)  # frozen, bit for bit
+            assert not layer.old_A[i].requires_grad and not layer.old_B[i].requires_grad
+            if i < 2:  # the next task starts from the very function this task ended with
+                torch.testing.assert_close(started[i + 1][name], delta, atol=1e-6, rtol=1e-5)
+        # the first task's magnitude starts at α·s·‖B‖‖A‖ and was learned afterwards
+        a, b, alpha, _ = ended[0][name]
+        initial = alpha * scaling * float(b.norm() * a.norm())
+        assert float(layer.magnitudes[0]) != pytest.approx(initial, rel=1e-6, abs=0)
+        # the update is Σ m_i B_i A_i / (‖B_i‖‖A_i‖), written out here
+        by_hand = sum(float(layer.magnitudes[i]) * (layer.old_B[i] @ layer.old_A[i])
+                      / float(layer.old_B[i].norm() * layer.old_A[i].norm()) for i in range(3))
+        torch.testing.assert_close(layer.delta().detach(), by_hand, atol=1e-6, rtol=1e-5)
+
+
+def test_sdlora_saved_adapter_answers_with_plain_peft(tiny_llama_dir, data_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from nlora.methods.sdlora import SDLoRA
+
+    model, _, _ = _run_tasks(SDLoRA(RunConfig(lora_r=4, tasks=TINY_TASKS), False),
+                             tiny_llama_dir, data_dir, tmp_path)
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                                      tmp_path / "t1/adapter")
+    ids = torch.randint(4, 100, (2, 7))
+    model.eval()
+    plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, plain(input_ids=ids).logits,
+                                   atol=1e-5, rtol=1e-4)

@@ -113,6 +113,15 @@ class JumpDelta(nn.Module):
         return self.scaling * raw * (raw.abs() > self.log_threshold.exp()).to(raw.dtype)
 
 
+def target_linears(config, model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The linear layers a LoRA adapter of ``config`` would adapt (``--target-modules``, else
+    PEFT's default for the model type), matched as PEFT matches a list of names."""
+    targets = target_modules(config, model) or []
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, nn.Linear)
+            and any(name == t or name.endswith("." + t) for t in targets)]
+
+
 def jump_layers(model: nn.Module) -> dict[str, JumpDelta]:
     """Module name -> its JumpDelta, for every parametrised layer of ``model``."""
     return {name: module.parametrizations.weight[0] for name, module in model.named_modules()
@@ -160,13 +169,6 @@ class JumpLoRA(ELLA):
             raise ConfigError(f"no default modules to adapt for model type "
                               f"{model.config.model_type}: give --target-modules")
 
-    def _targets(self, model: PreTrainedModel) -> list[tuple[str, nn.Linear]]:
-        targets = target_modules(self.config, model) or []
-        # PEFT's rule for a list of names: the full name, or its last dotted parts
-        return [(name, module) for name, module in model.named_modules()
-                if isinstance(module, nn.Linear)
-                and any(name == t or name.endswith("." + t) for t in targets)]
-
     def begin_task(self, model: PreTrainedModel, index: int, task: Task) -> torch.nn.Module:
         settings = self.config.for_task(index)
         self.lambda_ = float(settings.ella_lambda)
@@ -179,7 +181,7 @@ class JumpLoRA(ELLA):
         device = next(model.parameters()).device
         self.log_threshold = nn.Parameter(torch.tensor(LOG_THRESHOLD_INIT, device=device))
         scaling = self.config.lora_alpha / self.config.lora_r
-        for _, module in self._targets(model):
+        for _, module in target_linears(self.config, model):
             layer = JumpDelta(module.weight, self.config.lora_r, scaling, self.log_threshold,
                               self.config.jumplora_bandwidth)
             parametrize.register_parametrization(module, "weight", layer)
