@@ -196,7 +196,7 @@ def test_jumplora_merges_an_update_exactly_zero_below_the_learned_threshold(
     def spy_end(model, index, task, folder):
         layers = jump_layers(model)
         seen["raw", index] = {n: (x.B @ x.A).detach().clone() for n, x in layers.items()}
-        seen["tau", index] = float(method.log_threshold.exp())
+        seen["tau", index] = float(method.log_threshold.detach().exp())
         seen["blend", index] = {x.blend for x in layers.values()}
         return real_end(model, index, task, folder)
 
@@ -352,3 +352,44 @@ def test_sdlora_saved_adapter_answers_with_plain_peft(tiny_llama_dir, data_dir, 
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, plain(input_ids=ids).logits,
                                    atol=1e-5, rtol=1e-4)
+
+
+# --- Merging baselines ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("combination", ["task_arithmetic", "ties", "dare_linear", "dare_ties"])
+def test_merge_answers_as_pefts_own_merge_of_the_saved_adapters(combination, tiny_llama_dir,
+                                                                data_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from nlora.methods.merging import COMBINATIONS, Merge
+
+    config = RunConfig(lora_r=4, merge_combination=combination, merge_weight=0.7,
+                       merge_density=0.5, tasks=TINY_TASKS)
+    model, _, _ = _run_tasks(Merge(config, False), tiny_llama_dir, data_dir, tmp_path)
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                                      tmp_path / "t0/adapter/task0", adapter_name="a")
+    plain.load_adapter(tmp_path / "t1/adapter/task1", adapter_name="b")
+    kind = COMBINATIONS[combination]
+    torch.manual_seed(config.seed * 1000 + 1)  # the seed nlora gives the merge after task 2
+    plain.add_weighted_adapter(["a", "b"], [0.7, 0.7], "m", combination_type=kind,
+                               **({} if kind == "cat" else {"density": 0.5}))
+    plain.set_adapter("m")
+    ids = torch.randint(4, 100, (2, 7))
+    model.eval()
+    plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, plain(input_ids=ids).logits)
+    if combination == "task_arithmetic":  # and that is λ·(ΔW_1 + ΔW_2), summed here by hand
+        from nlora.adapters import read_lora_updates
+
+        first = read_lora_updates(tmp_path / "t0/adapter/task0")
+        second = read_lora_updates(tmp_path / "t1/adapter/task1")
+        for name, module in model.named_modules():
+            if hasattr(module, "lora_A") and "merged" in module.lora_A:
+                key = name.removeprefix("base_model.model.")
+                merged = (module.lora_B["merged"].weight @ module.lora_A["merged"].weight
+                          * module.scaling["merged"])
+                want = 0.7 * (first[key].scaling * first[key].B @ first[key].A
+                              + second[key].scaling * second[key].B @ second[key].A)
+                torch.testing.assert_close(merged.detach(), want, atol=1e-6, rtol=1e-5)
