@@ -67,6 +67,7 @@ def test_ella_penalty_is_the_hand_computed_sum_of_squared_entrywise_products():
     assert ella_penalty(deltas, {}, "sum") is None
 
 
+@pytest.mark.slow  # four two-task runs
 def test_ella_with_a_zero_past_or_zero_lambda_is_plain_lora(tiny_llama_dir, data_dir, tmp_path):
     """λ = 0, or W_past = 0 (penalty and its gradient exactly zero): the very same adapters as
     IncLoRA, bit for bit; and the first task (no past) is IncLoRA's whatever λ."""
@@ -393,3 +394,13 @@ def test_merge_answers_as_pefts_own_merge_of_the_saved_adapters(combination, tin
                 want = 0.7 * (first[key].scaling * first[key].B @ first[key].A
                               + second[key].scaling * second[key].B @ second[key].A)
                 torch.testing.assert_close(merged.detach(), want, atol=1e-6, rtol=1e-5)
+
+
+def test_jumplora_refuses_a_blend_that_ends_before_it_starts():
+    from nlora.errors import ConfigError
+
+    config = RunConfig(method="jumplora", jumplora_blend_start=0.8, jumplora_blend_end=0.2,
+                       tasks=TINY_TASKS)
+    with pytest.raises(ConfigError, match="--jumplora-blend-end 0.2 is before "
+                       "--jumplora-blend-start 0.8"):
+        config.validate()

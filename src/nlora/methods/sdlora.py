@@ -16,7 +16,8 @@ keep the function the task ended with (docs/methods.md, "SD-LoRA").
 Saved after each task: ``adapter/``, the whole update Σ m_i D_i as one exact PEFT LoRA adapter
 (factors stacked, rank (t+1)·r, scaling 1: plain ``PeftModel`` on the base model answers as
 nlora does up to rounding; cumulative, like seqlora's); ``sdlora_state.safetensors``, every
-task's A_i, B_i and the magnitudes, which resume reloads (latest task only).
+task's own A_t, B_t and every magnitude so far, from which resume (and ``nlora load --task``)
+rebuilds the layers task by task.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from nlora.adapters import check_adapter, sort_config_lists
 from nlora.data import Task
 from nlora.errors import ConfigError
 from nlora.io import write_dir_atomic, write_file_atomic
-from nlora.methods.base import ContinualMethod, register, remove_superseded
+from nlora.methods.base import ContinualMethod, register
 from nlora.methods.jumplora import target_linears
 from nlora.methods.osf import target_modules
 from nlora.options import option
@@ -130,11 +131,10 @@ class SDLoRA(ContinualMethod):
     options = SDLoRAOptions
     cumulative_adapter = True  # each saved adapter is the whole update so far
     undefined_metrics = ("OO",)  # the saved A stacks every task's
-    latest_only = (STATE,)
 
     def __init__(self, config, is_seq2seq: bool) -> None:
         super().__init__(config, is_seq2seq)
-        self.previous_folder: Path | None = None
+        self.directions_before: dict[str, int] = {}  # layer -> directions before this task
 
     def check(self, model: PreTrainedModel) -> None:
         check_adapter(model, self.config, self.is_seq2seq)
@@ -165,6 +165,7 @@ class SDLoRA(ContinualMethod):
 
     def end_task(self, model, index: int, task: Task, folder: Path) -> PreTrainedModel:
         layers = self._layers(model)
+        self.directions_before = {name: len(layer.old_A) for name, layer in layers.items()}
         for layer in layers.values():
             layer.end_task()
         if self.is_main_process:
@@ -173,12 +174,14 @@ class SDLoRA(ContinualMethod):
 
     @torch.no_grad()
     def save(self, model: PreTrainedModel, layers: dict[str, SDLoRALayer], folder: Path) -> None:
-        state = {}
+        state = {}  # this task's own direction (if it moved) and every magnitude so far
         for name, layer in layers.items():
-            for i, (a, b) in enumerate(zip(layer.old_A, layer.old_B, strict=True)):
-                state[f"{name}.A.{i}"] = a.detach().cpu().contiguous()
-                state[f"{name}.B.{i}"] = b.detach().cpu().contiguous()
-                state[f"{name}.magnitude.{i}"] = layer.magnitudes[i].detach().cpu().reshape(1)
+            if len(layer.old_A) > self.directions_before.get(name, 0):
+                state[f"{name}.A"] = layer.old_A[-1].detach().cpu().contiguous()
+                state[f"{name}.B"] = layer.old_B[-1].detach().cpu().contiguous()
+            if len(layer.magnitudes):
+                state[f"{name}.magnitudes"] = torch.stack(
+                    [m.detach() for m in layer.magnitudes]).cpu().contiguous()
         write_file_atomic(folder / STATE, lambda tmp: save_file(state, tmp))
         # the whole update as one PEFT LoRA adapter: B = [m_i B_i / (‖B_i‖‖A_i‖)], A = [A_i]
         factors = {}
@@ -207,21 +210,15 @@ class SDLoRA(ContinualMethod):
         write_dir_atomic(folder / "adapter", fill)
 
     def restore_task(self, model, index: int, task: Task, folder: Path) -> PreTrainedModel:
-        self.previous_folder = folder
-        if not (folder / STATE).is_file():  # only the latest finished task keeps its state
-            return model
         state = load_file(folder / STATE)
         device = next(model.parameters()).device
         for name, layer in self._layers(model).items():
-            layer.old_A, layer.old_B = nn.ParameterList(), nn.ParameterList()
-            layer.magnitudes = nn.ParameterList()
-            i = 0
-            while f"{name}.A.{i}" in state:
-                layer.add_direction(state[f"{name}.A.{i}"].to(device),
-                                    state[f"{name}.B.{i}"].to(device),
-                                    state[f"{name}.magnitude.{i}"].to(device))
-                i += 1
+            if f"{name}.A" in state:
+                layer.add_direction(state[f"{name}.A"].to(device), state[f"{name}.B"].to(device),
+                                    torch.zeros((), device=device))
+            if f"{name}.magnitudes" in state:  # every magnitude as this task left it
+                with torch.no_grad():
+                    for magnitude, value in zip(layer.magnitudes, state[f"{name}.magnitudes"],
+                                                strict=True):
+                        magnitude.copy_(value)
         return model
-
-    def task_recorded(self, index: int, folder: Path) -> None:
-        self.previous_folder = remove_superseded(self.previous_folder, folder, self.latest_only)
