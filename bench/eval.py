@@ -29,13 +29,14 @@ from common import median, table, timed, write_result
 from flops import CausalFlops, matmul_ceiling
 
 from nlora.batching import Encoder
-from nlora.data import Example, load_task
+from nlora.data import Example
 from nlora.evaluate import (
     Prediction,
     generate_answers,
     plan_prompt_batches,
     rank_answers,
 )
+from nlora.families import load_task
 from nlora.model import load_backbone
 from nlora.prefix import build_prefix_cache
 from nlora.scoring import accuracy

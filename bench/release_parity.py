@@ -30,7 +30,8 @@ from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGene
 from nlora.adapters import add_adapter, save_adapter
 from nlora.batching import Encoder
 from nlora.config import RunConfig
-from nlora.data import SAMPLE_DATA, load_task
+from nlora.data import SAMPLE_DATA
+from nlora.families import load_task
 from nlora.methods.nlora import NLoRA
 from nlora.train import global_batches, train_task
 

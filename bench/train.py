@@ -33,7 +33,7 @@ from flops import matmul_ceiling, step_flops
 from nlora.adapters import add_adapter
 from nlora.batching import Encoder
 from nlora.config import RunConfig
-from nlora.data import load_task
+from nlora.families import load_task
 from nlora.loss import answer_head_forward, batch_prefix_length
 from nlora.methods.nlora import NLoRA
 from nlora.model import load_backbone

@@ -12,7 +12,6 @@ from nlora.data import (
     INSTRUCTIONS,
     SAMPLE_DATA,
     build_prompt,
-    load_task,
     merged_instructions,
     read_instructions,
     read_split,
@@ -20,6 +19,7 @@ from nlora.data import (
     stratified_sample,
 )
 from nlora.errors import ConfigError, DataError
+from nlora.families import load_task
 
 
 def test_prompt_matches_the_reference_format_on_a_real_row(data_dir):

@@ -50,8 +50,8 @@ def _final_predictions(run: Path) -> list[dict]:
 def _nlora_predictions(folder: Path, data_dir: Path, name: str) -> list[str]:
     """Predictions of a plain folder through nlora's own evaluation (same batching)."""
     from nlora.batching import Encoder
-    from nlora.data import load_task
     from nlora.evaluate import predict
+    from nlora.families import load_task
     from nlora.model import load_backbone
 
     backbone = load_backbone(str(folder))
@@ -75,7 +75,7 @@ def test_export_reproduces_the_runs_final_predictions(tiny_model_dir, data_dir, 
 
 def test_the_exported_folder_loads_without_nlora(tiny_llama_dir, data_dir, tmp_path):
     from nlora.batching import Encoder
-    from nlora.data import load_task
+    from nlora.families import load_task
     from nlora.model import load_backbone
 
     run, out = tmp_path / "run", tmp_path / "exported"

@@ -16,9 +16,8 @@ from rouge_score import rouge_scorer
 from nlora.batching import Encoder
 from nlora.catalog import list_tasks
 from nlora.cli import main
-from nlora.data import load_task
 from nlora.errors import DataError
-from nlora.families import family_of
+from nlora.families import family_of, load_task
 from nlora.orders import get_order
 from nlora.scoring import rouge_l, row_score
 

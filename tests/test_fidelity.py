@@ -381,7 +381,7 @@ def test_copa_and_an_unknown_category_run_end_to_end(tiny_llama_dir, tmp_path, c
 
 
 def test_zero_shot_plan_by_hand(data_dir):
-    from nlora.data import load_task
+    from nlora.families import load_task
     from nlora.runner import zero_shot_plan
 
     config = make_config(data_dir=str(data_dir), tasks=TINY_TASKS, train_per_task=10,

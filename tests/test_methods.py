@@ -193,7 +193,7 @@ def _train_three(method, model_dir, data_dir, tmp_path, steps=3):
     from accelerate import Accelerator
 
     from nlora.batching import Encoder
-    from nlora.data import load_task
+    from nlora.families import load_task
     from nlora.model import load_backbone
     from nlora.train import train_task
 
@@ -276,8 +276,8 @@ def test_pertaskft_answers_task_i_with_adapter_i(tiny_llama_dir, data_dir, tmp_p
     from transformers import AutoModelForCausalLM
 
     from nlora.batching import Encoder
-    from nlora.data import load_task
     from nlora.evaluate import generate_answers
+    from nlora.families import load_task
     from nlora.model import load_backbone
 
     out = tmp_path / "run"
@@ -327,7 +327,7 @@ def test_pertaskft_answers_task_i_with_adapter_i(tiny_llama_dir, data_dir, tmp_p
 
 def test_replay_buffer_holds_the_configured_share_of_each_earlier_task(data_dir):
     from nlora.config import RunConfig
-    from nlora.data import load_task
+    from nlora.families import load_task
     from nlora.methods.replay import Replay
 
     tasks = [load_task(data_dir, n, 40, 2, seed=0) for n in TINY_TASKS]

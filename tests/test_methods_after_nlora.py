@@ -20,7 +20,7 @@ def _run_tasks(method, model_dir, data_dir, out: Path, n=2, epochs=1, lr=1e-2, b
     from accelerate import Accelerator
 
     from nlora.batching import Encoder
-    from nlora.data import load_task
+    from nlora.families import load_task
     from nlora.model import load_backbone
     from nlora.train import train_task
 

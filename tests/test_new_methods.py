@@ -162,7 +162,8 @@ def test_l2p_keys_learn_only_from_the_pull_term(tiny_llama_dir, data_dir, tmp_pa
 # --- LFPT5 ------------------------------------------------------------------------------------
 
 def test_lfpt5_pseudo_samples_are_the_earlier_tasks_examples_with_its_prefix(data_dir):
-    from nlora.data import build_prompt, load_task
+    from nlora.data import build_prompt
+    from nlora.families import load_task
     from nlora.methods.lfpt5 import ANSWER, parse_samples
 
     task = load_task(data_dir, "TC/agnews", 4, 2, seed=0)

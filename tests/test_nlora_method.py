@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM
 
 from nlora.batching import Encoder
 from nlora.config import RunConfig
-from nlora.data import load_task
 from nlora.evaluate import generate_answers
+from nlora.families import load_task
 from nlora.methods.nlora import NLoRA, l1_penalty
 
 

@@ -14,8 +14,8 @@ from nlora.adapters import add_adapter
 from nlora.batching import Encoder, LengthGroupedBatchSampler
 from nlora.cli import main
 from nlora.config import RunConfig
-from nlora.data import load_task
 from nlora.evaluate import generate_answers, rank_answers
+from nlora.families import load_task
 from nlora.loss import answer_head_forward
 
 

@@ -10,7 +10,6 @@ from test_perf import _varied
 from nlora.adapters import add_adapter
 from nlora.batching import Encoder
 from nlora.config import RunConfig
-from nlora.data import load_task
 from nlora.evaluate import (
     _causal_scores,
     _prompt_batches,
@@ -18,6 +17,7 @@ from nlora.evaluate import (
     plan_prompt_batches,
     rank_answers,
 )
+from nlora.families import load_task
 from nlora.kvcache import cache_argument, returned_cache, with_cache
 from nlora.prefix import (
     MIN_PREFIX_TOKENS,

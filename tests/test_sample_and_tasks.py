@@ -17,8 +17,9 @@ from conftest import DATA, REPO
 from nlora import data
 from nlora.catalog import format_tasks, list_tasks
 from nlora.cli import main
-from nlora.data import SAMPLE_DATA, data_dir_from, load_task
+from nlora.data import SAMPLE_DATA, data_dir_from
 from nlora.errors import DataError
+from nlora.families import load_task
 
 SCRIPT = REPO / "scripts" / "make_sample_data.py"
 

@@ -262,8 +262,8 @@ def _check_reload(model_dir, data_dir, run):
     """A fresh base model with tasks 1..3 merged from their files answers as the run did."""
     from nlora.batching import Encoder
     from nlora.config import RunConfig
-    from nlora.data import load_task
     from nlora.evaluate import predict
+    from nlora.families import load_task
     from nlora.methods.nlora import NLoRA
     from nlora.model import load_backbone
 

@@ -106,7 +106,7 @@ def test_shipped_specs_parse(tmp_path):
 
 
 def test_the_validation_split_never_opens_test_json(data_dir, monkeypatch):
-    from nlora.data import load_task
+    from nlora.families import load_task
 
     opened: list[str] = []
     real = Path.read_bytes

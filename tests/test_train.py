@@ -11,9 +11,10 @@ from conftest import tiny_llama
 
 from nlora.batching import Encoder
 from nlora.config import RunConfig
-from nlora.data import Example, build_prompt, load_task
+from nlora.data import Example, build_prompt
 from nlora.dropout import RowKeyedDropout, RowKeys
 from nlora.errors import ConfigError
+from nlora.families import load_task
 from nlora.train import answer_tokens, global_batches, micro_batch_size, process_share
 
 

@@ -1,7 +1,7 @@
 """Benchmark tasks in the O-LoRA / N-LoRA ``CL_Benchmark`` layout, and their prompts; what
-every task shares (``Task``, ``Example``, finding a task by name, ``load_task``, which hands a
-folder to its family: ``nlora.families`` defines classification here, SuperNI and a user's
-task folders).
+every task shares (``Task``, ``Example``, finding a task by name). ``nlora.families`` builds
+on this module: it defines SuperNI and a user's task folders beside this classification
+family, and ``load_task`` hands a folder to its family.
 
 Layout: ``DATA/<CATEGORY>/<DATASET>/{train,test,labels}.json``; each split is a JSON
 list of ``{"sentence": str, "label": str}`` and ``labels.json`` lists the label strings.
@@ -239,21 +239,7 @@ def _subdirs(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def task_is_available(data_dir: Path, name: str) -> bool:
-    """True when the task resolves and has both a train and a test split (a name found in
-    several categories is an error: ambiguous)."""
-    from nlora.families import family_of  # the families build on this module
-
-    try:
-        category, dataset = resolve_task(data_dir, name)
-    except TaskNotFound:
-        return False
-    folder = data_dir / category / dataset
-    family = family_of(folder)
-    return family is not None and family.is_runnable(folder)
-
-
-def _read_json(path: Path) -> object:
+def read_json(path: Path) -> object:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     raw = path.read_bytes()
@@ -275,7 +261,7 @@ def _read_json(path: Path) -> object:
 
 
 def read_labels(path: Path) -> list[str]:
-    labels = _read_json(path)
+    labels = read_json(path)
     if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
         raise DataError(f"{path}: expected a non-empty JSON list of label strings")
     for index, label in enumerate(labels):
@@ -295,7 +281,7 @@ def read_split(
 
     Those rows are left out, or kept with ``keep_unlabelled`` (scored as wrong later).
     """
-    rows = _read_json(path)
+    rows = read_json(path)
     if not isinstance(rows, list):
         raise DataError(f"{path}: expected a JSON list of {{sentence, label}} objects")
     if not rows:
@@ -359,46 +345,6 @@ def carve_validation(
     return validation, [r for i, r in enumerate(rows) if i not in taken]
 
 
-def load_task(
-    data_dir: Path,
-    name: str,
-    train_per_task: int | None = None,
-    test_per_task: int | None = None,
-    seed: int = 42,
-    splits: tuple[str, ...] = ("train", "test"),
-    instructions: Mapping[str, str] | None = None,
-    count_unlabelled: bool = False,
-    eval_split: str = "test",
-    validation_per_task: int | None = None,
-    references: str = "all",
-) -> Task:
-    """Load, validate, subsample and prompt one task, as its family reads it
-    (``nlora.families``: classification, SuperNI, a user's task folder).
-
-    ``instructions``: category -> instruction (default: the paper's). ``count_unlabelled``
-    keeps test rows whose label is not in labels.json (counted in ``unlabelled``, not
-    ``skipped``). ``references`` (generation tasks): score against all of a row's references
-    (``all``) or the one drawn at load (``drawn``, the releases).
-
-    ``eval_split="validation"``: ``task.test`` is a validation split carved from the training
-    rows (``carve_validation``) and training subsamples only the rest; test.json is never
-    opened.
-    """
-    from nlora.families import LoadRequest, family_of  # the families build on this module
-
-    if eval_split not in ("test", "validation"):
-        raise ConfigError(f"eval_split must be test or validation, got {eval_split!r}")
-    category, dataset = resolve_task(data_dir, name)
-    folder = data_dir / category / dataset
-    family = family_of(folder)
-    if family is None:
-        raise DataError(f"{folder}: not a task folder (no labels.json, NI task files "
-                        "train.json/test.json, or train.jsonl/test.jsonl)")
-    request = LoadRequest(train_per_task, test_per_task, seed, splits, instructions,
-                          count_unlabelled, eval_split, validation_per_task, references)
-    return family.load(folder, category, dataset, request)
-
-
 def load_classification(
     folder: Path,
     category: str,
@@ -412,7 +358,8 @@ def load_classification(
     eval_split: str = "test",
     validation_per_task: int | None = None,
 ) -> Task:
-    """A classification task (``CATEGORY/DATASET/{train,test,labels}.json``), see load_task."""
+    """A classification task (``CATEGORY/DATASET/{train,test,labels}.json``), see
+    ``nlora.families.load_task``."""
     labels = read_labels(folder / "labels.json")
     task = Task(name=f"{category}/{dataset}", category=category, dataset=dataset, labels=labels)
     sizes = {"train": train_per_task, "test": test_per_task}

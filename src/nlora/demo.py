@@ -88,7 +88,7 @@ def run_demo(
     ``overrides``, in ``out/<method>/`` and gather what the demo table shows."""
     from nlora.analysis import analyse_run  # heavy (torch, PEFT): only when running
     from nlora.compare import compare
-    from nlora.data import load_task
+    from nlora.families import load_task
     from nlora.rundir import load_run_info
 
     start = time.perf_counter()

@@ -13,7 +13,8 @@ metric scores them (``nlora.scoring``).
   of ``{"input": ..., "output": str or [references]}`` with an optional ``task.yaml``
   (instruction, metric, labels, lengths); every problem is one line naming file and row.
 
-A folder's family is decided by the files it holds (``family_of``), never by its name.
+A folder's family is decided by the files it holds (``family_of``), never by its name;
+``load_task`` reads any task through its family.
 """
 
 from __future__ import annotations
@@ -31,11 +32,13 @@ from nlora.data import (
     VALIDATION_SEED,
     Example,
     Task,
-    _read_json,
+    TaskNotFound,
     load_classification,
+    read_json,
+    resolve_task,
     task_name,
 )
-from nlora.errors import DataError
+from nlora.errors import ConfigError, DataError
 
 SPLITS = ("train", "test")
 # SuperNI protocol of the releases (GainLoRA's scripts and data loader; CL_Benchmark/README.md)
@@ -202,7 +205,7 @@ class SuperNI(TaskFamily):
     @staticmethod
     def read(path: Path) -> tuple[str, _Rows]:
         """A Natural-Instructions task file: (definition, rows), validated."""
-        data = _read_json(path)
+        data = read_json(path)
         if not isinstance(data, dict):
             raise DataError(f"{path}: expected a Natural-Instructions task object "
                             "(Definition, Instances)")
@@ -454,3 +457,53 @@ def family_of(folder: Path) -> TaskFamily | None:
         if FAMILIES[name].owns(folder):
             return FAMILIES[name]
     return None
+
+
+def load_task(
+    data_dir: Path,
+    name: str,
+    train_per_task: int | None = None,
+    test_per_task: int | None = None,
+    seed: int = 42,
+    splits: tuple[str, ...] = ("train", "test"),
+    instructions: Mapping[str, str] | None = None,
+    count_unlabelled: bool = False,
+    eval_split: str = "test",
+    validation_per_task: int | None = None,
+    references: str = "all",
+) -> Task:
+    """Load, validate, subsample and prompt one task, as its family reads it
+    (``nlora.families``: classification, SuperNI, a user's task folder).
+
+    ``instructions``: category -> instruction (default: the paper's). ``count_unlabelled``
+    keeps test rows whose label is not in labels.json (counted in ``unlabelled``, not
+    ``skipped``). ``references`` (generation tasks): score against all of a row's references
+    (``all``) or the one drawn at load (``drawn``, the releases).
+
+    ``eval_split="validation"``: ``task.test`` is a validation split carved from the training
+    rows (``carve_validation``) and training subsamples only the rest; test.json is never
+    opened.
+    """
+    if eval_split not in ("test", "validation"):
+        raise ConfigError(f"eval_split must be test or validation, got {eval_split!r}")
+    category, dataset = resolve_task(data_dir, name)
+    folder = data_dir / category / dataset
+    family = family_of(folder)
+    if family is None:
+        raise DataError(f"{folder}: not a task folder (no labels.json, NI task files "
+                        "train.json/test.json, or train.jsonl/test.jsonl)")
+    request = LoadRequest(train_per_task, test_per_task, seed, splits, instructions,
+                          count_unlabelled, eval_split, validation_per_task, references)
+    return family.load(folder, category, dataset, request)
+
+
+def task_is_available(data_dir: Path, name: str) -> bool:
+    """True when the task resolves and has both a train and a test split (a name found in
+    several categories is an error: ambiguous)."""
+    try:
+        category, dataset = resolve_task(data_dir, name)
+    except TaskNotFound:
+        return False
+    folder = data_dir / category / dataset
+    family = family_of(folder)
+    return family is not None and family.is_runnable(folder)

@@ -32,14 +32,9 @@ from nlora.config import (
     coerce_options,
     read_options,
 )
-from nlora.data import (
-    KNOWN_CATEGORIES,
-    data_dir_from,
-    read_instructions,
-    resolve_task,
-    task_is_available,
-)
+from nlora.data import KNOWN_CATEGORIES, data_dir_from, read_instructions, resolve_task
 from nlora.errors import ConfigError, DataError
+from nlora.families import task_is_available
 from nlora.methods import get_method
 from nlora.methods.base import release_facts
 from nlora.methods.nlora import DEFAULT_L1_LAMBDA

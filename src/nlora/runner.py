@@ -31,7 +31,7 @@ from accelerate.utils import set_seed
 
 from nlora.batching import Encoder
 from nlora.config import RunConfig
-from nlora.data import INSTRUCTIONS, Task, load_task, merged_instructions
+from nlora.data import INSTRUCTIONS, Task, merged_instructions
 from nlora.distributed import (
     evaluate_tasks,
     is_main_process,
@@ -41,6 +41,7 @@ from nlora.distributed import (
 )
 from nlora.errors import ConfigError, NloraError
 from nlora.evaluate import Prediction
+from nlora.families import load_task
 from nlora.io import write_json_atomic
 from nlora.methods import get_method
 from nlora.methods.base import ContinualMethod
