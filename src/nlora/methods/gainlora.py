@@ -261,8 +261,8 @@ class GainLoRAOptions:
                                   "measures it ('released') or as GPM defines it ('paper')",
                                   "str", GROUP, choices=INFLORA_VARIANTS)
     gainlora_pool: str = option("mean", "GainLoRA gate input x̄: mean over the prompt's "
-                                "tokens ('mean') or the code's sum over the padded width "
-                                "('padded')", "str", GROUP, choices=POOLS)
+                                "tokens ('mean') or, as the code, the masked sum over the "
+                                "padded batch width ('padded')", "str", GROUP, choices=POOLS)
     gainlora_renorm: bool = option(True, "GainLoRA: after projecting a gate step, scale each "
                                    "row back to its unprojected norm (the code does)", "bool",
                                    GROUP)
