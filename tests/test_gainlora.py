@@ -266,12 +266,19 @@ def test_saved_adapter_is_the_tasks_own_branch_in_peft_format(tiny_llama_dir, da
             assert update.scaling == config.lora_alpha / config.lora_r
 
 
-def test_causal_models_refuse_the_prefix_cache(tiny_llama_dir):
-    from nlora.errors import ConfigError
+def test_a_gated_causal_model_takes_no_shared_prefix_cache(tiny_llama_dir, data_dir, tmp_path):
+    """A prefix run alone would get gates of its own: the model refuses the prefix cache, so
+    evaluation asked for one answers exactly as without it."""
+    from nlora.evaluate import predict
     from nlora.methods.gainlora import GainLoRA
-    from nlora.model import load_backbone
+    from nlora.prefix import supports_prefix_cache
 
-    model = load_backbone(str(tiny_llama_dir)).model
-    with pytest.raises(ConfigError, match="prefix-cache"):
-        GainLoRA(RunConfig(tasks=TINY_TASKS, prefix_cache=True), False).check(model)
-    GainLoRA(RunConfig(tasks=TINY_TASKS, prefix_cache=False), False).check(model)
+    config = RunConfig(lora_r=2, tasks=TINY_TASKS, gainlora_gate_hidden=8)
+    method = GainLoRA(config, False)
+    model, encoder, tasks = _run_tasks(method, tiny_llama_dir, data_dir, tmp_path)
+    assert not supports_prefix_cache(model)
+    for mode in ("generate", "rank"):
+        on = predict(model, encoder, tasks[1].test, tasks[1].labels, 4, mode, prefix_cache=True)
+        off = predict(model, encoder, tasks[1].test, tasks[1].labels, 4, mode,
+                      prefix_cache=False)
+        assert [p.prediction for p in on] == [p.prediction for p in off]

@@ -295,9 +295,6 @@ class GainLoRA(ContinualMethod):
         if target_modules(self.config, model) is None:
             raise ConfigError(f"no default modules to adapt for model type "
                               f"{model.config.model_type}: give --target-modules")
-        if not self.is_seq2seq and self.config.prefix_cache:
-            raise ConfigError("gainlora computes its gates from each whole prompt: give "
-                              "--no-prefix-cache")
 
     # --- the model's GainLoRA parts
 
@@ -312,6 +309,7 @@ class GainLoRA(ContinualMethod):
         gates = GainGates(embedding.weight.shape[1], c.gainlora_gate_hidden, c.gainlora_pool)
         gates.to(device)
         model.gainlora_gates = gates
+        model.reads_whole_prompts = True  # no shared-prefix cache (nlora.prefix)
         for _, module in target_linears(c, model):
             branches = GainBranches(module, c.lora_alpha / c.lora_r, c.lora_dropout)
             branches.state = [gates.state]  # a list: not a submodule
@@ -405,6 +403,7 @@ class GainLoRA(ContinualMethod):
         c = self.config
         gates = self.model_gates
         gate = gates.gates[-1]
+        gates.state.prompt_ids = gates.state.prompt_mask = None  # training batches are over
         model.requires_grad_(False)
         layers = self.branches(model)
         named = dict(model.named_modules())
