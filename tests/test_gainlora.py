@@ -124,7 +124,8 @@ def test_old_branches_and_gates_stay_frozen_and_the_new_gate_moves_outside_old_i
 ):
     """Task 2 changes no bit of task 1's branch or gate; its own gate's steps (renormalisation
     off: the plain projection) lie outside the memories of task 1's gate inputs; its key starts
-    outside the memory of task 1's gate outputs; only B_t and gate t train."""
+    outside the memory of task 1's gate outputs; only B_t and gate t train; so its gate stays
+    near 0 on task 1's prompts."""
     from nlora.methods.gainlora import GainLoRA, gate_weights
 
     model_dir = tiny_llama_dir if family == "llama" else tiny_t5_dir
@@ -135,6 +136,11 @@ def test_old_branches_and_gates_stay_frozen_and_the_new_gate_moves_outside_old_i
 
     def spy(stage, method, model, index):
         seen[stage, index] = _snapshot(model)
+        if index == 1:  # task 2's gate on task 1's and on task 2's own training prompts
+            with torch.no_grad():
+                seen["old", stage], seen["new", stage] = (
+                    method.model_gates.values(method.pooled_inputs(model, t.train).float())[:, 1]
+                    for t in tasks)
         if stage == "begin":
             trainable = {n for n, p in model.named_parameters() if p.requires_grad}
             want = {f"gainlora_gates.gates.{index}.{p}" for p in ("down.weight", "up.weight",
@@ -147,7 +153,14 @@ def test_old_branches_and_gates_stay_frozen_and_the_new_gate_moves_outside_old_i
                 key = method.model_gates.gates[1].key.detach()
                 assert float((key @ method.gate_memory["key"]).norm()) < 1e-4 * float(key.norm())
 
+    from nlora.families import load_task
+
+    tasks = [load_task(data_dir, name, 8, 4, seed=0) for name in TINY_TASKS[:2]]
     model, _, _ = _run_tasks(method, model_dir, data_dir, tmp_path, spy=spy)
+    # the point of it all: the new branch is gated off on the earlier task's inputs, before
+    # and after training, and open on its own task's
+    assert float(seen["old", "begin"].max()) < 1e-3 and float(seen["old", "end"].max()) < 1e-2
+    assert float(seen["new", "end"].mean()) > 0.3
     after_first = seen["end", 0]
     now = _snapshot(model)
     first = [n for n in after_first  # task 1's own tensors: its branches and its gate
