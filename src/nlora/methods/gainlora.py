@@ -110,8 +110,9 @@ class TaskGate(nn.Module):
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.down = nn.Linear(dim, hidden, bias=False)
-        self.up = nn.Linear(hidden, dim, bias=False)
+        # uninitialised (no draw from the global random stream): the method fills them
+        self.down = nn.utils.skip_init(nn.Linear, dim, hidden, bias=False)
+        self.up = nn.utils.skip_init(nn.Linear, hidden, dim, bias=False)
         self.key = nn.Parameter(torch.zeros(dim))
 
     def hidden(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -287,6 +288,7 @@ class GainLoRA(ContinualMethod):
         self.memory: dict[str, torch.Tensor] = {}  # adapted layer -> d × k basis
         self.gate_memory: dict[str, torch.Tensor] = {}  # GATE_PARTS -> basis
         self.before_step: dict[str, torch.Tensor] = {}  # current gate before the step
+        self.step_memory: dict[str, torch.Tensor] = {}  # gate memories on the gate's device
         self.previous_folder: Path | None = None
         self.model_gates: GainGates | None = None  # the gates of the model being trained
 
@@ -386,15 +388,16 @@ class GainLoRA(ContinualMethod):
             branches.lora_B[-1].requires_grad_(True)  # only B of the new branch trains
         gate.requires_grad_(True)
         self.before_step = {k: v.detach().clone() for k, v in gate_weights(gate).items()}
+        self.step_memory = {k: v.to(device) for k, v in self.gate_memory.items()}
         return model
 
     @torch.no_grad()
     def after_step(self, model: torch.nn.Module, index: int, optimizer: Any) -> None:
         gate = self.model_gates.gates[-1]
-        if index > 0 and self.gate_memory:
+        if index > 0 and self.step_memory:
             for part, weight in gate_weights(gate).items():
                 projected = project_step(weight, self.before_step[part],
-                                         self.gate_memory[part].to(weight),
+                                         self.step_memory[part].to(weight),
                                          self.config.gainlora_renorm)
                 weight.copy_(projected)
         self.before_step = {k: v.detach().clone() for k, v in gate_weights(gate).items()}
