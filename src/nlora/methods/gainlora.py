@@ -368,7 +368,7 @@ class GainLoRA(ContinualMethod):
                 for linear in (gate.down, gate.up):  # PyTorch's Linear init, seeded
                     nn.init.kaiming_uniform_(linear.weight, a=math.sqrt(5), generator=generator)
             norm = torch.empty(gates.dim).uniform_(-1, 1, generator=generator).norm()
-            pooled = self.pooled_inputs(model, task.train)
+            pooled = self.pooled_inputs(model, task.train).cpu()  # the new gate is on the CPU yet
             features = gate.double().features(pooled)
             gate.float()
             covariance = features.T @ features / max(features.shape[0], 1)
