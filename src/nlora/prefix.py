@@ -83,13 +83,17 @@ def supports_prefix_cache(model: torch.nn.Module) -> bool:
 
     Only a transformers causal LM, bare or inside a PEFT model that does not add virtual
     tokens: a wrapper that puts anything before the tokens (soft prompts, chosen per input
-    or per task) would see a different input when its prefix runs alone. Such a model whose
+    or per task) would see a different input when its prefix runs alone; so would a model that
+    sets ``reads_whole_prompts`` (gainlora's gates: the whole prompt's mean). Such a model whose
     forward takes no positions or no cache is named once in the log.
     """
     if isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning:
         return False
     inner = unwrap(model)
     if not isinstance(inner, PreTrainedModel) or inner.config.is_encoder_decoder:
+        return False
+    if getattr(inner, "reads_whole_prompts", False):  # e.g. gainlora: gates on the whole prompt
+        _say_once(inner, "its adapters depend on each whole prompt")
         return False
     if "position_ids" not in inspect.signature(inner.forward).parameters:
         _say_once(inner, "its forward takes no position_ids")
