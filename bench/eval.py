@@ -13,9 +13,15 @@ dense attention, LM head; counted by hooks, see ``flops.py``), achieved FLOP/s a
 of the measured matmul FLOP/s. Predictions with and without the cache must be identical.
 
 ``--reference`` adds the public O-LoRA/N-LoRA pipeline (file order, batches of 32, up to 50
-new tokens) for the earlier "≥ 10× the reference" comparison.
+new tokens, no prefix cache): the "before" of nlora's evaluation. Its answers are decoded
+and compared with nlora's (share of identical answers, and its score beside nlora's).
+
+Generation tasks (SuperNI, a user's tasks) run in ``generate`` mode only, up to the task's
+answer length (SuperNI: 50 tokens), and are scored by the task's metric (ROUGE-L); ``--superni``
+takes four SuperNI tasks of different answer lengths from ``$NLORA_DATA``.
 
     PYTHONPATH=src python bench/eval.py [--quick] [--reference]
+    PYTHONPATH=src python bench/eval.py --superni --n 48 --repeats 1 --reference
 """
 
 from __future__ import annotations
@@ -39,11 +45,20 @@ from nlora.evaluate import (
 from nlora.families import load_task
 from nlora.model import load_backbone
 from nlora.prefix import build_prefix_cache
-from nlora.scoring import accuracy
+from nlora.scoring import row_score
 
 DATA = Path(os.environ.get("NLORA_DATA", Path(__file__).resolve().parents[2] / "shared"
                            / "CL_Benchmark"))
 REFERENCE_NEW_TOKENS = 50
+SUPERNI = ("SuperNI/task363_sst2_polarity_classification,SuperNI/task591_sciq_answer_generation,"
+           "SuperNI/task1572_samsum_summary,SuperNI/task1729_personachat_generate_next")
+
+
+def task_score(task, predictions: list[Prediction]) -> float:
+    """Mean score under the task's own metric (accuracy, exact match or ROUGE-L), x 100."""
+    rows = [row_score(task.metric, p.prediction, task.test[p.index].references or [p.label],
+                      labels=task.labels or None) for p in predictions]
+    return sum(score for score, _ in rows) / len(rows)
 
 
 @torch.no_grad()
@@ -100,15 +115,20 @@ def main() -> None:
                         help="also time the public code's pipeline (slow)")
     parser.add_argument("--ref-batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--max-source-length", type=int, default=512)
     parser.add_argument("--quick", action="store_true", help="agnews, 64 examples, 1 repeat")
+    parser.add_argument("--superni", action="store_true", help=f"--tasks {SUPERNI}")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.tasks, args.n, args.repeats = "TC/agnews", 64, 1
+    if args.superni:
+        args.tasks = SUPERNI
     torch.manual_seed(0)
     backbone = load_backbone(args.model)
-    model, encoder = backbone.model.eval(), Encoder(backbone.tokenizer, backbone.is_seq2seq)
+    model = backbone.model.eval()
+    encoder = Encoder(backbone.tokenizer, backbone.is_seq2seq, args.max_source_length)
     hidden = model.config.hidden_size
     ceiling_shapes = [(4096, hidden, model.config.intermediate_size), (2048, 2048, 2048)]
     functions = {"generate": generate_answers, "rank": rank_answers}
@@ -118,8 +138,9 @@ def main() -> None:
         task = load_task(DATA, name, test_per_task=args.n, seed=42, splits=("test",))
         examples = task.test
         stats = prompt_stats(model, encoder, examples, args.batch_size)
+        task_modes = modes if task.labels else ["generate"]  # no labels to rank
         variants = {f"{mode}, {'prefix cache' if cached else 'plain'}": (mode, cached)
-                    for mode in modes for cached in (False, True)}
+                    for mode in task_modes for cached in (False, True)}
         times: dict[str, list[float]] = {v: [] for v in variants}
         ceilings: dict[str, list[float]] = {v: [] for v in variants}
         counts: dict[str, CausalFlops] = {}
@@ -133,7 +154,8 @@ def main() -> None:
                 counter = CausalFlops(model)
                 with counter:
                     preds, t = timed(functions[mode], model, encoder, examples, task.labels,
-                                     args.batch_size, mode, cached)
+                                     args.batch_size, mode, cached,
+                                     *([task.max_new_tokens] if mode == "generate" else []))
                 after = matmul_ceiling(ceiling_shapes, seconds=0.5)["flops_per_s"]
                 times[variant].append(t)
                 ceilings[variant].append((before + after) / 2)
@@ -166,20 +188,33 @@ def main() -> None:
                 "achieved_flops_per_s": achieved, "share_of_matmul": share,
                 "real_share_of_matmul": real_share,
                 "same_predictions": same / len(examples),
-                "accuracy": accuracy(predictions[variant]),
+                "score": task_score(task, predictions[variant]), "metric": task.metric,
             }
             task_record["variants"][variant] = entry
             rows.append([name, len(examples), variant, entry["samples_per_s"], speedup,
                          entry["prompt_tokens_per_s"], c.columns, c.real_tokens,
                          c.executed / 1e12, achieved / 1e9, share, real_share,
-                         entry["same_predictions"], entry["accuracy"]])
+                         entry["same_predictions"], entry["score"]])
         if args.reference:
             speed = len(examples) / median(times["reference"])
             task_record["reference_samples_per_s"] = speed
             task_record["reference_mean_new_tokens"] = sum(
                 sum(t != encoder.pad_id for t in ids) for ids in ref_ids) / len(ref_ids)
-            rows.append([name, len(examples), "reference (public code)", speed, "", "", "", "",
-                         "", "", "", "", "", ""])
+            # the reference's answers, cut where nlora's generation stops (the answer length)
+            length = task.max_new_tokens or REFERENCE_NEW_TOKENS
+            answers = encoder.tokenizer.batch_decode([ids[:length] for ids in ref_ids],
+                                                     skip_special_tokens=True)
+            ref_preds = [Prediction(i, a.strip(), ex.label)
+                         for i, (a, ex) in enumerate(zip(answers, examples, strict=True))]
+            ours = predictions["generate, prefix cache"]
+            same = sum(a.prediction == b.prediction for a, b in zip(ours, ref_preds, strict=True))
+            task_record["reference_same_answers"] = same / len(examples)
+            task_record["reference_score"] = task_score(task, ref_preds)
+            nlora_speed = task_record["variants"]["generate, prefix cache"]["samples_per_s"]
+            task_record["nlora_vs_reference"] = nlora_speed / speed
+            rows.append([name, len(examples), "reference (public code)", speed,
+                         "", "", "", "", "", "", "", "",
+                         same / len(examples), task_record["reference_score"]])
         record["tasks"][name] = task_record
         print(f"{name}: {stats['prompts']} prompts, {stats['mean_prompt_tokens']:.1f} tokens on "
               f"average, shared prefix {stats['prefix_tokens']} tokens ({stats['covered']} "
@@ -189,8 +224,13 @@ def main() -> None:
               flush=True)
     print(table(["task", "n", "variant", "samples/s", "vs plain", "prompt tok/s",
                  "positions run", "real positions", "TFLOP executed", "GFLOP/s",
-                 "of matmul", "real of matmul", "same preds", "acc"], rows))
-    print(f"\nwritten: {write_result('eval-quick' if args.quick else 'eval', record)}")
+                 "of matmul", "real of matmul", "same preds", "score"], rows))
+    for task_name, t in record["tasks"].items():
+        if "nlora_vs_reference" in t:
+            print(f"{task_name}: nlora {t['nlora_vs_reference']:.2f}x the reference's samples/s, "
+                  f"{t['reference_same_answers']:.0%} identical answers")
+    name = "eval-quick" if args.quick else "eval-superni" if args.superni else "eval"
+    print(f"\nwritten: {write_result(name, record)}")
     differing = [f"{task}: {variant}" for task, t in record["tasks"].items()
                  for variant, v in t["variants"].items() if v["same_predictions"] < 1]
     if differing:  # the cache must not change a single prediction

@@ -80,6 +80,54 @@ def test_superni_orders_name_the_fifteen_released_tasks(order):
     assert "SuperNI releases" in config.preset_sources["learning_rate"]
 
 
+# The GainLoRA release's SuperNI scripts (gen_script_superni_order1_t5_inflora.sh and
+# .._gainlora_inflora.sh), read by hand: --lora_r 4 --lora_alpha 32 --lora_dropout 0.0,
+# --learning_rate 0.0003 constant, --warmup_steps 0, --num_train_epochs 100, 32 rows per step,
+# --max_source_length 512, no --seed (42), cl_collator.py cuts the source's head, and
+# cl_dataset.py keeps one drawn reference per row.
+SUPERNI_RELEASE = {"lora_r": 4, "lora_alpha": 32.0, "lora_dropout": 0.0, "learning_rate": 3e-4,
+                   "epochs": 100, "batch_size": 32, "max_source_length": 512, "seed": 42,
+                   "truncation": "head", "references": "drawn", "zero_lr_steps": 0}
+
+
+@pytest.mark.parametrize("method", ["inflora", "gainlora"])
+def test_protocol_release_on_a_superni_order_takes_the_gainlora_release_scripts(method):
+    from nlora.demo import DEMO_SUPERNI_OPTIONS, SUPERNI_SAMPLE
+    from nlora.presets import make_config
+
+    config = make_config(order="superni2", tasks=DEMO_SUPERNI_OPTIONS["tasks"], method=method,
+                         data_dir=str(SUPERNI_SAMPLE), protocol="release")
+    assert {k: getattr(config, k) for k in SUPERNI_RELEASE} == SUPERNI_RELEASE
+    kind = "inflora" if method == "inflora" else "gainlora_inflora"
+    script = f"gen_script_superni_order2_t5_{kind}"
+    assert script in config.preset_sources["epochs"]
+    assert any("test.json" in note for note in config.preset_notes)  # no choice on test
+    if method == "inflora":  # the release's InfLoRA T5 code: random A, projected
+        assert config.inflora_variant == "released"
+    else:  # its gates' input: the masked sum over the padded width
+        assert config.gainlora_pool == "padded"
+    # the paper protocol keeps nlora's own schedule for the order
+    paper = make_config(order="superni2", tasks=DEMO_SUPERNI_OPTIONS["tasks"], method=method,
+                        data_dir=str(SUPERNI_SAMPLE))
+    assert (paper.epochs, paper.lora_r, paper.references) == (10, 8, "all")
+
+
+def test_protocol_release_on_superni_without_a_script_keeps_the_release_code_and_says_so():
+    from nlora.demo import DEMO_SUPERNI_OPTIONS, SUPERNI_SAMPLE
+    from nlora.presets import make_config
+
+    config = make_config(order="superni1", tasks=DEMO_SUPERNI_OPTIONS["tasks"], method="nlora",
+                         data_dir=str(SUPERNI_SAMPLE), protocol="release")
+    shared = {k: v for k, v in SUPERNI_RELEASE.items()
+              if k not in ("learning_rate", "epochs", "batch_size")}
+    assert {k: getattr(config, k) for k in shared} == shared
+    assert any("no released script for superni1" in note for note in config.preset_notes)
+    # a classification order keeps the O-LoRA/N-LoRA releases' shared settings
+    cl = make_config(order="order1", tasks=["dbpedia", "agnews"], method="nlora",
+                     protocol="release")
+    assert (cl.lora_r, cl.zero_lr_steps, cl.references) == (8, 2, "all")
+
+
 def test_superni_orders_as_the_readme_lists_them():
     one, two = get_order("superni1").tasks, get_order("superni2").tasks
     assert (one[0], one[-1], two[0], two[-1]) == (

@@ -39,14 +39,13 @@ from nlora.methods import get_method
 from nlora.methods.base import release_facts
 from nlora.methods.nlora import DEFAULT_L1_LAMBDA
 from nlora.orders import PAPER_BASE_LAMBDA, Order, get_order, substitute
-from nlora.release import COMMON, method_script
+from nlora.release import common_settings, method_script
 
 __all__ = ["make_config", "read_options", "describe_presets", "combine_options"]
 
 ORDER_PRESETS = ("learning_rate", "epochs", "batch_size")
 
 Layer = dict[str, tuple[Any, str]]  # field -> (value, where it comes from)
-COMMON_LAYER: Layer = {f: (v, f"release: {src}") for f, (v, src) in COMMON.items()}
 
 
 def make_config(**options: Any) -> RunConfig:
@@ -142,7 +141,8 @@ def preset_layers(
     if own_source:  # baselines as their authors ran them, under either protocol
         merged.update({f: (v, where) for f, v in script.hyperparameters().items()})
     if protocol == "release":
-        merged.update(COMMON_LAYER)
+        common = common_settings(order.name if order else None)
+        merged.update({f: (v, f"release: {src}") for f, (v, src) in common.items()})
         if script is None:
             notes.append(
                 f"{method} has no released script for "

@@ -15,6 +15,11 @@ Sources (read, never copied; paths inside each repository):
 - Shared by both (the two repositories hold identical copies): ``src/uie_collator.py``,
   ``src/uie_dataset_lora.py``, ``src/compute_metrics.py``, ``src/run_uie_lora.py`` /
   ``src/run_N_lora.py``.
+- SuperNI orders (``superni1``, ``superni2``): the GainLoRA release,
+  github.com/liangyanshuo/gainlora: ``gen_script_superni_order{1,2}_t5_inflora.sh`` and
+  ``gen_script_superni_order{1,2}_t5_gainlora_inflora.sh`` (T5-large, one GPU, no DeepSpeed),
+  ``src/run_t5.py``, ``src/cl_collator.py``, ``src/cl_dataset.py``. Neither N-LoRA nor O-LoRA
+  released SuperNI scripts.
 
 ``batch_size`` is the global batch of one optimiser step, as nlora counts it: per-device
 batch × gradient-accumulation steps × GPUs of the script's ``CUDA_VISIBLE_DEVICES``.
@@ -27,6 +32,7 @@ from typing import Any
 
 N_LORA = "N-LoRA release"
 O_LORA = "O-LoRA release"
+GAINLORA = "GainLoRA release"
 
 
 @dataclass(frozen=True)
@@ -148,6 +154,62 @@ SEQFT_SCRIPTS: dict[str, Script] = {
 }
 
 
+# ---------------------------------------------------------------- SuperNI (liangyanshuo/gainlora)
+SUPERNI_ORDERS = ("superni1", "superni2")
+
+# What every released SuperNI run shares: the GainLoRA release's code and its scripts' flags
+# (plain `python src/run_t5.py`: HF Trainer, no DeepSpeed, so no warm-up steps at lr 0).
+SUPERNI_COMMON: dict[str, tuple[Any, str]] = {
+    # cl_collator.py: the source cut to its first max_source_length tokens
+    "truncation": ("head", "src/cl_collator.py"),
+    "max_source_length": (512, "scripts: --max_source_length 512"),
+    "max_grad_norm": (1.0, "HF Trainer default (no --max_grad_norm)"),
+    "group_by_length": (False, "HF Trainer default (no --group_by_length)"),
+    "weight_decay": (0.0, "HF Trainer default (no --weight_decay)"),
+    "seed": (42, "HF Trainer default (no --seed; set_seed in src/run_t5.py)"),
+    "task_seed": ("same", "each task is its own process with HF's default seed 42"),
+    # cl_dataset.py keeps one of a row's references, drawn at load; compute_metrics.py scores it
+    "references": ("drawn", "src/cl_dataset.py: one reference drawn per row"),
+    "lora_r": (4, "scripts: --lora_r 4"),
+    "lora_alpha": (32.0, "scripts: --lora_alpha 32"),
+    "lora_dropout": (0.0, "scripts: --lora_dropout 0.0"),
+    "zero_lr_steps": (0, "scripts: --lr_scheduler_type constant --warmup_steps 0"),
+}
+
+# The scripts' batch is 32 rows per step for every task, split per task into per-device rows x
+# accumulation steps (4 x 8 ... 32 x 1); nlora takes the step's 32 rows as one part.
+_SUPERNI_NOTE = (
+    "the scripts train up to 100 epochs and keep the checkpoint best on ROUGE-L over dev.json, "
+    "which is test.json: nlora keeps the last checkpoint (no choice on test answers); their "
+    "per-task split of the 32-row batch into accumulation steps (1-8) is not reproduced"
+)
+
+
+def _superni(script: str, options: dict[str, Any]) -> Script:
+    return Script(script, 3e-4, 100, 32, options=options, note=_SUPERNI_NOTE)
+
+
+# InfLoRA's T5 code in this release designs A at random, projected (inflora_variant released)
+INFLORA_SUPERNI_SCRIPTS: dict[str, Script] = {
+    order: _superni(f"gen_script_superni_order{order[-1]}_t5_inflora.sh",
+                    {"inflora_variant": "released", "inflora_threshold": 0.995})
+    for order in SUPERNI_ORDERS
+}
+# the gates' input as the code computes it: (mask · E).mean over the padded width
+GAINLORA_SUPERNI_SCRIPTS: dict[str, Script] = {
+    order: _superni(f"gen_script_superni_order{order[-1]}_t5_gainlora_inflora.sh",
+                    {"gainlora_threshold": 0.995, "gainlora_gate_threshold": 0.995,
+                     "gainlora_gate_hidden": 100, "gainlora_pool": "padded"})
+    for order in SUPERNI_ORDERS
+}
+
+
+def common_settings(order: str | None) -> dict[str, tuple[Any, str]]:
+    """What every released run of ``order`` shares: the GainLoRA release's code for the SuperNI
+    orders, the O-LoRA/N-LoRA releases' for every other order and for custom tasks."""
+    return SUPERNI_COMMON if order in SUPERNI_ORDERS else COMMON
+
+
 def _custom(script: Script, orders: str) -> Script:
     return replace(script, note=f"custom tasks (no --order): the released orders {orders} "
                                 "setting")
@@ -162,7 +224,7 @@ def _baseline(script: Script) -> Script:
     )
 
 
-SCRIPT_SETS = ("n-lora", "o-lora", "o-lora-baseline", "seqft")
+SCRIPT_SETS = ("n-lora", "o-lora", "o-lora-baseline", "seqft", "inflora", "gainlora")
 
 
 def method_script(
@@ -172,12 +234,16 @@ def method_script(
     a method names (``ContinualMethod.released_scripts``), or (None, None).
 
     ``n-lora``: the N-LoRA release's scripts; ``o-lora``: O-LoRA's own; ``o-lora-baseline``:
-    O-LoRA's at λ = 0 and one epoch (IncLoRA, SeqLoRA); ``seqft``: the SeqFT log of order 1.
+    O-LoRA's at λ = 0 and one epoch (IncLoRA, SeqLoRA); ``seqft``: the SeqFT log of order 1;
+    ``inflora`` and ``gainlora``: the GainLoRA release's SuperNI scripts (SuperNI orders only).
     ``note`` replaces the script's note (e.g. a method without a script of its own).
     """
     if scripts not in SCRIPT_SETS:
         return None, None
-    if scripts == "n-lora":
+    if scripts in ("inflora", "gainlora"):
+        table = INFLORA_SUPERNI_SCRIPTS if scripts == "inflora" else GAINLORA_SUPERNI_SCRIPTS
+        release, script = GAINLORA, table.get(order) if order else None
+    elif scripts == "n-lora":
         release, script = N_LORA, (N_LORA_SCRIPTS.get(order) if order
                                    else _custom(N_LORA_NO_ORDER, "2-3"))
     elif scripts == "seqft":

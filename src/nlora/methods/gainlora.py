@@ -281,6 +281,7 @@ class GainLoRA(ContinualMethod):
     # GainLoRA T5 scripts: lr 3e-4 constant, dropout 0; the gates read each prompt whole, so
     # no shared-prefix cache (a prefix alone would get its own gates)
     defaults = {"learning_rate": 3e-4, "lora_dropout": 0.0, "prefix_cache": False}
+    released_scripts = "gainlora"  # the GainLoRA release's SuperNI scripts (nlora.release)
     latest_only = (MEMORY,)
 
     def __init__(self, config, is_seq2seq: bool) -> None:

@@ -183,6 +183,7 @@ class InfLoRA(IncLoRA):
     options = InfLoRAOptions
     exact_sparsity = False
     defaults = {"learning_rate": 3e-4}  # InfLoRA T5 scripts (GainLoRA release)
+    released_scripts = "inflora"  # the GainLoRA release's SuperNI scripts (nlora.release)
     latest_only = (MEMORY,)
 
     def __init__(self, config, is_seq2seq: bool) -> None:
