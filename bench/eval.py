@@ -18,10 +18,15 @@ and compared with nlora's (share of identical answers, and its score beside nlor
 
 Generation tasks (SuperNI, a user's tasks) run in ``generate`` mode only, up to the task's
 answer length (SuperNI: 50 tokens), and are scored by the task's metric (ROUGE-L); ``--superni``
-takes four SuperNI tasks of different answer lengths from ``$NLORA_DATA``.
+takes four SuperNI tasks of different answer lengths from ``$NLORA_DATA``. The base model
+rarely ends an answer before 50 tokens; ``--run DIR`` evaluates a run's final model instead
+(e.g. ``nlora demo --benchmark superni``'s N-LoRA run, trained on short answers), whose rows
+stop at their own EOS.
 
     PYTHONPATH=src python bench/eval.py [--quick] [--reference]
-    PYTHONPATH=src python bench/eval.py --superni --n 48 --repeats 1 --reference
+    PYTHONPATH=src python bench/eval.py --superni --n 32 --repeats 2 --reference
+    PYTHONPATH=src python bench/eval.py --run runs/sdemo/nlora --reference \
+        --tasks SuperNI/task363_sst2_polarity_classification,SuperNI/task875_emotion_classification
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from nlora.evaluate import (
     rank_answers,
 )
 from nlora.families import load_task
+from nlora.load import load_model
 from nlora.model import load_backbone
 from nlora.prefix import build_prefix_cache
 from nlora.scoring import row_score
@@ -111,6 +117,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", default="generate,rank")
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--run", help="a run folder: its final model instead of --model")
     parser.add_argument("--reference", action="store_true",
                         help="also time the public code's pipeline (slow)")
     parser.add_argument("--ref-batch-size", type=int, default=32)
@@ -126,9 +133,14 @@ def main() -> None:
     if args.superni:
         args.tasks = SUPERNI
     torch.manual_seed(0)
-    backbone = load_backbone(args.model)
-    model = backbone.model.eval()
-    encoder = Encoder(backbone.tokenizer, backbone.is_seq2seq, args.max_source_length)
+    if args.run:
+        loaded = load_model(args.run)
+        model, tokenizer, is_seq2seq = loaded.model, loaded.tokenizer, loaded.is_seq2seq
+    else:
+        backbone = load_backbone(args.model)
+        model, tokenizer, is_seq2seq = backbone.model, backbone.tokenizer, backbone.is_seq2seq
+    model.eval()
+    encoder = Encoder(tokenizer, is_seq2seq, args.max_source_length)
     hidden = model.config.hidden_size
     ceiling_shapes = [(4096, hidden, model.config.intermediate_size), (2048, 2048, 2048)]
     functions = {"generate": generate_answers, "rank": rank_answers}
@@ -229,7 +241,8 @@ def main() -> None:
         if "nlora_vs_reference" in t:
             print(f"{task_name}: nlora {t['nlora_vs_reference']:.2f}x the reference's samples/s, "
                   f"{t['reference_same_answers']:.0%} identical answers")
-    name = "eval-quick" if args.quick else "eval-superni" if args.superni else "eval"
+    name = ("eval-quick" if args.quick else "eval-run" if args.run
+            else "eval-superni" if args.superni else "eval")
     print(f"\nwritten: {write_result(name, record)}")
     differing = [f"{task}: {variant}" for task, t in record["tasks"].items()
                  for variant, v in t["variants"].items() if v["same_predictions"] < 1]
