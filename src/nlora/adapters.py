@@ -15,6 +15,7 @@ import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
 from nlora.errors import ConfigError
@@ -111,6 +112,25 @@ def save_adapter(model: PeftModel, folder: Path, **options: Any) -> None:
         model.save_pretrained(tmp, safe_serialization=True, **options)
         for path in tmp.rglob("adapter_config.json"):
             sort_config_lists(path)
+
+    write_dir_atomic(folder, fill)
+
+
+def save_lora_factors(
+    folder: Path, config: LoraConfig, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> None:
+    """Factors {module name: (A, B)} written as a PEFT LoRA adapter (PEFT's own key names and
+    file layout, so plain ``PeftModel.from_pretrained`` reads it), by methods whose layers are
+    not PEFT's."""
+    tensors = {}
+    for name, (a, b) in factors.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.detach().cpu().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b.detach().cpu().contiguous()
+
+    def fill(tmp: Path) -> None:
+        config.save_pretrained(tmp)
+        save_file(tensors, tmp / "adapter_model.safetensors")
+        sort_config_lists(tmp / "adapter_config.json")
 
     write_dir_atomic(folder, fill)
 

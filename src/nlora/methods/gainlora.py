@@ -72,11 +72,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from nlora.adapters import check_adapter, sort_config_lists
+from nlora.adapters import check_adapter, save_lora_factors
 from nlora.batching import IGNORE_INDEX
 from nlora.data import Example, Task
 from nlora.errors import ConfigError
-from nlora.io import write_dir_atomic, write_file_atomic
+from nlora.io import write_file_atomic
 from nlora.methods.base import ContinualMethod, register, remove_superseded
 from nlora.methods.inflora import (
     INFLORA_VARIANTS,
@@ -444,17 +444,8 @@ class GainLoRA(ContinualMethod):
                             target_modules=list(layers),
                             task_type=TaskType.SEQ_2_SEQ_LM if self.is_seq2seq
                             else TaskType.CAUSAL_LM)
-        tensors = {}
-        for name in layers:
-            tensors[f"base_model.model.{name}.lora_A.weight"] = state[f"{name}.A"]
-            tensors[f"base_model.model.{name}.lora_B.weight"] = state[f"{name}.B"]
-
-        def fill(tmp: Path) -> None:
-            config.save_pretrained(tmp)
-            save_file(tensors, tmp / "adapter_model.safetensors")
-            sort_config_lists(tmp / "adapter_config.json")
-
-        write_dir_atomic(folder / "adapter", fill)
+        save_lora_factors(folder / "adapter", config,
+                          {name: (state[f"{name}.A"], state[f"{name}.B"]) for name in layers})
 
     def restore_task(self, model, index: int, task: Task, folder: Path) -> PreTrainedModel:
         gates = self.model_gates = self.gates(model)

@@ -34,10 +34,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 from transformers import PreTrainedModel
 
-from nlora.adapters import check_adapter, sort_config_lists
+from nlora.adapters import check_adapter, save_lora_factors
 from nlora.data import Task
 from nlora.errors import ConfigError
-from nlora.io import write_dir_atomic, write_file_atomic
+from nlora.io import write_file_atomic
 from nlora.methods.base import ContinualMethod, register
 from nlora.methods.jumplora import target_linears
 from nlora.methods.osf import target_modules
@@ -197,17 +197,8 @@ class SDLoRA(ContinualMethod):
                             rank_pattern=ranks, alpha_pattern=dict(ranks),  # scaling 1
                             task_type=TaskType.SEQ_2_SEQ_LM if self.is_seq2seq
                             else TaskType.CAUSAL_LM)
-        tensors = {}
-        for name, (b, a) in factors.items():  # PEFT's own key names and file layout
-            tensors[f"base_model.model.{name}.lora_A.weight"] = a.detach().cpu().contiguous()
-            tensors[f"base_model.model.{name}.lora_B.weight"] = b.detach().cpu().contiguous()
-
-        def fill(tmp: Path) -> None:
-            config.save_pretrained(tmp)
-            save_file(tensors, tmp / "adapter_model.safetensors")
-            sort_config_lists(tmp / "adapter_config.json")
-
-        write_dir_atomic(folder / "adapter", fill)
+        save_lora_factors(folder / "adapter", config,
+                          {name: (a, b) for name, (b, a) in factors.items()})
 
     def restore_task(self, model, index: int, task: Task, folder: Path) -> PreTrainedModel:
         state = load_file(folder / STATE)
