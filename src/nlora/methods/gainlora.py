@@ -291,6 +291,9 @@ class GainLoRA(ContinualMethod):
         self.before_step: dict[str, torch.Tensor] = {}  # current gate before the step
         self.step_memory: dict[str, torch.Tensor] = {}  # gate memories on the gate's device
         self.previous_folder: Path | None = None
+        # x̄ of the current task's training prompts (float64, CPU): the input embeddings are
+        # frozen, so begin_task's values serve end_task too
+        self.task_pooled: torch.Tensor | None = None
         self.model_gates: GainGates | None = None  # the gates of the model being trained
 
     def check(self, model: PreTrainedModel) -> None:
@@ -369,7 +372,8 @@ class GainLoRA(ContinualMethod):
                 for linear in (gate.down, gate.up):  # PyTorch's Linear init, seeded
                     nn.init.kaiming_uniform_(linear.weight, a=math.sqrt(5), generator=generator)
             norm = torch.empty(gates.dim).uniform_(-1, 1, generator=generator).norm()
-            pooled = self.pooled_inputs(model, task.train).cpu()  # the new gate is on the CPU yet
+            # on the CPU, where the new gate is built
+            pooled = self.task_pooled = self.pooled_inputs(model, task.train).cpu()
             features = gate.double().features(pooled)
             gate.float()
             covariance = features.T @ features / max(features.shape[0], 1)
@@ -419,7 +423,7 @@ class GainLoRA(ContinualMethod):
                                            threshold, c.gainlora_memory) for name in layers}
         gate_threshold = c.gainlora_gate_threshold + (1 - c.gainlora_gate_threshold) * share
         with torch.no_grad():
-            pooled = self.pooled_inputs(model, task.train).float()
+            pooled = self.task_pooled.to(gate.down.weight.device).float()
             inputs = {"down": pooled, "up": gate.hidden(pooled), "key": gate.features(pooled)}
         for part, x in inputs.items():
             x = x.double().cpu()
