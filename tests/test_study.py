@@ -240,6 +240,28 @@ def test_a_spec_may_only_add_cells(reference_study, tmp_path):
     assert "may only add cells" in result.stderr and "epochs" in result.stderr
 
 
+def test_an_option_added_since_a_cell_was_planned_counts_at_its_default(tmp_path):
+    """A study planned by an older nlora (its records lack a newer method's options) goes
+    on; a changed value, or a new option away from its default, is still refused."""
+    from nlora.config import RunConfig
+    from nlora.errors import ConfigError
+    from nlora.study.plan import Cell, Index
+
+    def cell(**options):
+        config = RunConfig(method="nlora", tasks=["a", "b"], **options)
+        return Cell("final", "nlora", "o", 1, {}, config, tmp_path)
+
+    plan = Index(tmp_path)
+    record = cell().record()
+    del record["options"]["gorp_rank"]  # planned before that option existed
+    plan.cells[cell().id] = record
+    plan.check_against([cell()])
+    with pytest.raises(ConfigError, match="gorp_rank differ"):
+        plan.check_against([cell(gorp_rank=4)])
+    with pytest.raises(ConfigError, match="epochs differ"):
+        plan.check_against([cell(epochs=7)])
+
+
 @pytest.mark.slow
 def test_a_pack_reports_alone_and_a_copy_of_it_continues_the_study(reference_study, tmp_path):
     """A study packed without weights (to commit between sittings) gives the same table, and

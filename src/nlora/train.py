@@ -220,9 +220,7 @@ def train_task(
     if world > 1:  # every process starts from the same weights
         for p in params:
             torch.distributed.broadcast(p.data, src=0)
-    optimizer = accelerator.prepare(
-        torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
-    )
+    optimizer = accelerator.prepare(method.make_optimizer(params, learning_rate, weight_decay))
     amp = MixedPrecision(precision, accelerator.device)
     head_at_answers = not encoder.is_seq2seq and supports_answer_head(model)
     if head_at_answers:  # the fast loss must be the model's own loss, or it is not used
@@ -271,7 +269,7 @@ def train_task(
                     accelerator.clip_grad_norm_(params, max_grad_norm)
                 lr = 0.0 if steps < zero_lr_steps else learning_rate
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
                 amp.step(optimizer)
                 method.after_step(model, index, optimizer)  # sees the step's own rate
                 optimizer.zero_grad(set_to_none=True)

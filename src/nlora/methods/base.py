@@ -2,7 +2,8 @@
 
 The continual loop (``nlora.runner``) calls, for each task in order:
 ``begin_task`` -> ``train_examples`` -> (training steps: each example becomes features with
-``train_features``, batches come from ``collate_train``, ``penalty`` is added to the loss and
+``train_features``, batches come from ``collate_train``, the optimiser from
+``make_optimizer``, ``penalty`` is added to the loss and
 ``after_step`` runs after every optimizer step) -> ``end_task``, then evaluates
 ``eval_model`` on every seen task and, once the task's record is written, calls
 ``task_recorded``. On resume, ``restore_task`` replays what ``end_task`` left on disk
@@ -99,6 +100,13 @@ class ContinualMethod:
     def collate_train(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         """A padded training batch from ``train_features`` outputs."""
         return self.encoder.collate_train(features)
+
+    def make_optimizer(
+        self, params: list[torch.nn.Parameter], learning_rate: float, weight_decay: float
+    ) -> torch.optim.Optimizer:
+        """The task's optimiser over ``params`` (the trainable ones). A param group may carry
+        ``lr_scale``: the loop sets its rate to that multiple of the step's learning rate."""
+        return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
 
     def penalty(
         self, model: torch.nn.Module, index: int, batch: dict[str, torch.Tensor], outputs: Any

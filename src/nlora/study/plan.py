@@ -151,7 +151,10 @@ class Index:
         return self.data["cells"]
 
     def check_against(self, cells: list[Cell]) -> None:
-        """Refuse a spec that changes or removes a cell already planned."""
+        """Refuse a spec that changes or removes a cell already planned. An option the
+        record lacks (added to nlora since, e.g. by a new method) counts at its default, as
+        ``nlora run`` reads an older config.yaml."""
+        defaults = _plain(RunConfig().to_dict())
         for cell in cells:
             old = self.cells.get(cell.id)
             if old is None:
@@ -159,7 +162,8 @@ class Index:
             new = cell.record()["options"]
             changed = sorted(k for k in set(old["options"]) | set(new)
                              if k not in ("preset_sources", "preset_notes")
-                             and old["options"].get(k) != new.get(k))
+                             and old["options"].get(k, defaults.get(k))
+                             != new.get(k, defaults.get(k)))
             if changed:
                 raise ConfigError(
                     f"{self.study}: the spec changes cell {cell.id} ({', '.join(changed)} "
