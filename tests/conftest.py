@@ -126,3 +126,27 @@ def data_dir() -> Path:
     if not (DATA / "TC" / "agnews" / "train.json").is_file():
         pytest.fail(f"benchmark data not found at {DATA} (NLORA_DATA?)")
     return DATA
+
+
+@pytest.fixture
+def interrupt_training(monkeypatch):
+    """``interrupt_training(k)``: the runner's training of task index ``k`` raises
+    KeyboardInterrupt, as Ctrl-C there would (the run exits 130 and keeps what finished);
+    ``interrupt_training(None)``: training runs normally again (to resume)."""
+    from nlora import runner
+
+    real_train = runner.train_task
+
+    def cut_at(index: int | None) -> None:
+        if index is None:
+            monkeypatch.setattr(runner, "train_task", real_train)
+            return
+
+        def interrupt(model, method, task_index, *args, **kwargs):
+            if task_index == index:
+                raise KeyboardInterrupt
+            return real_train(model, method, task_index, *args, **kwargs)
+
+        monkeypatch.setattr(runner, "train_task", interrupt)
+
+    return cut_at

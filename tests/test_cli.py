@@ -8,7 +8,6 @@ import pytest
 from conftest import TINY_TASKS
 from safetensors.torch import load_file
 
-from nlora import runner
 from nlora.cli import main
 
 FAST = ["--train-per-task", "12", "--test-per-task", "6", "--epochs", "1",
@@ -71,20 +70,13 @@ def test_three_task_run_writes_the_accuracy_matrix(tiny_model_dir, data_dir, tmp
 
 @pytest.mark.slow  # end to end: make test-fast skips it
 def test_interrupted_run_resumes_to_the_same_result(tiny_llama_dir, data_dir, tmp_path,
-                                                    monkeypatch):
+                                                    interrupt_training):
     assert _run(tiny_llama_dir, data_dir, tmp_path / "whole") == 0
 
-    real_train = runner.train_task
-
-    def interrupt_task_2(model, method, index, *args, **kwargs):
-        if index == 1:
-            raise KeyboardInterrupt
-        return real_train(model, method, index, *args, **kwargs)
-
-    monkeypatch.setattr(runner, "train_task", interrupt_task_2)
+    interrupt_training(1)
     assert _run(tiny_llama_dir, data_dir, tmp_path / "cut") == 130
     assert not (tmp_path / "cut/tasks/02-agnews/done.json").exists()
-    monkeypatch.setattr(runner, "train_task", real_train)
+    interrupt_training(None)
     assert _run(tiny_llama_dir, data_dir, tmp_path / "cut") == 0
 
     whole = json.loads((tmp_path / "whole/metrics.json").read_text())

@@ -111,18 +111,9 @@ def test_a_per_task_method_exports_one_folder_per_task(tiny_llama_dir, data_dir,
 
 
 def test_export_of_an_unfinished_run_takes_the_last_finished_task(
-    tiny_llama_dir, data_dir, tmp_path, monkeypatch
+    tiny_llama_dir, data_dir, tmp_path, interrupt_training
 ):
-    from nlora import runner
-
-    real_train = runner.train_task
-
-    def interrupt_task_3(model, method, index, *args, **kwargs):
-        if index == 2:
-            raise KeyboardInterrupt
-        return real_train(model, method, index, *args, **kwargs)
-
-    monkeypatch.setattr(runner, "train_task", interrupt_task_3)
+    interrupt_training(2)
     run = tmp_path / "run"
     assert _run(tiny_llama_dir, data_dir, run) == 130
     assert main(["export", str(run), "--out", str(tmp_path / "e")]) == 0

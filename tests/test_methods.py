@@ -105,21 +105,11 @@ def test_every_method_records_what_its_answers_score_t5(method, tiny_t5_dir, dat
 @pytest.mark.slow  # end to end: make test-fast skips it
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_resumes_to_the_same_result(method, tiny_llama_dir, data_dir, tmp_path,
-                                                 monkeypatch):
-    from nlora import runner
-
+                                                 interrupt_training):
     assert _run(tiny_llama_dir, data_dir, tmp_path / "whole", "--method", method) == 0
-    real_train = runner.train_task
-    cut_at = 0 if method == "mtl" else 2  # mtl has a single step: cut it before it ends
-
-    def interrupt(model, m, index, *args, **kwargs):
-        if index == cut_at:
-            raise KeyboardInterrupt
-        return real_train(model, m, index, *args, **kwargs)
-
-    monkeypatch.setattr(runner, "train_task", interrupt)
+    interrupt_training(0 if method == "mtl" else 2)  # mtl has a single step: cut it
     assert _run(tiny_llama_dir, data_dir, tmp_path / "cut", "--method", method) == 130
-    monkeypatch.setattr(runner, "train_task", real_train)
+    interrupt_training(None)
     assert _run(tiny_llama_dir, data_dir, tmp_path / "cut", "--method", method) == 0
     whole = json.loads((tmp_path / "whole/metrics.json").read_text())
     assert json.loads((tmp_path / "cut/metrics.json").read_text()) == whole

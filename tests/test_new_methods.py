@@ -21,20 +21,11 @@ NEW = ["l2p", "lfpt5", "progprompt", "osf", "inflora"]
 @pytest.mark.slow  # end to end: make test-fast skips it
 @pytest.mark.parametrize("method", NEW)
 def test_new_methods_resume_to_the_same_result_on_t5(method, tiny_t5_dir, data_dir, tmp_path,
-                                                      monkeypatch):
-    from nlora import runner
-
+                                                      interrupt_training):
     assert _run(tiny_t5_dir, data_dir, tmp_path / "whole", "--method", method) == 0
-    real_train = runner.train_task
-
-    def interrupt(model, m, index, *args, **kwargs):
-        if index == 2:
-            raise KeyboardInterrupt
-        return real_train(model, m, index, *args, **kwargs)
-
-    monkeypatch.setattr(runner, "train_task", interrupt)
+    interrupt_training(2)
     assert _run(tiny_t5_dir, data_dir, tmp_path / "cut", "--method", method) == 130
-    monkeypatch.setattr(runner, "train_task", real_train)
+    interrupt_training(None)
     assert _run(tiny_t5_dir, data_dir, tmp_path / "cut", "--method", method) == 0
     whole = json.loads((tmp_path / "whole/metrics.json").read_text())
     assert json.loads((tmp_path / "cut/metrics.json").read_text()) == whole

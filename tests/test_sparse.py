@@ -314,20 +314,11 @@ def test_collision_free_tasks_never_share_a_position(tiny_llama_dir, data_dir, t
     ("--prox-lambda", "0.3", "--l1-lambda", "auto", "--l1-auto-steps", "2"),
 ])
 def test_sparse_runs_resume_byte_identical(extra, tiny_llama_dir, data_dir, tmp_path,
-                                           monkeypatch):
-    from nlora import runner
-
+                                           interrupt_training):
     assert _run(tiny_llama_dir, data_dir, tmp_path / "whole", *extra) == 0
-    real_train = runner.train_task
-
-    def interrupt(model, m, index, *args, **kwargs):
-        if index == 1:
-            raise KeyboardInterrupt
-        return real_train(model, m, index, *args, **kwargs)
-
-    monkeypatch.setattr(runner, "train_task", interrupt)
+    interrupt_training(1)
     assert _run(tiny_llama_dir, data_dir, tmp_path / "cut", *extra) == 130
-    monkeypatch.setattr(runner, "train_task", real_train)
+    interrupt_training(None)
     assert _run(tiny_llama_dir, data_dir, tmp_path / "cut", *extra) == 0
     for name in ("metrics.json",):
         assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "cut" / name).read_bytes()

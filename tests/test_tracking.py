@@ -11,7 +11,7 @@ import struct
 import pytest
 from conftest import TINY_TASKS
 
-from nlora import runner, tracking
+from nlora import tracking
 from nlora.cli import main
 
 FAST = ["--train-per-task", "8", "--test-per-task", "4", "--epochs", "2", "--batch-size", "4",
@@ -67,19 +67,13 @@ def test_run_log_and_tensorboard_hold_the_same_curves(tiny_llama_dir, data_dir, 
 
 
 @pytest.mark.slow  # end to end: make test (the fast tier) skips it
-def test_curves_continue_after_a_resume(tiny_llama_dir, data_dir, tmp_path, monkeypatch):
+def test_curves_continue_after_a_resume(tiny_llama_dir, data_dir, tmp_path,
+                                        interrupt_training):
     pytest.importorskip("tensorboard")
-    real_train = runner.train_task
-
-    def interrupt_task_3(model, method, index, *args, **kwargs):
-        if index == 2:
-            raise KeyboardInterrupt
-        return real_train(model, method, index, *args, **kwargs)
-
     run = tmp_path / "run"
-    monkeypatch.setattr(runner, "train_task", interrupt_task_3)
+    interrupt_training(2)
     assert _run(tiny_llama_dir, data_dir, run, "--report-to", "tensorboard") == 130
-    monkeypatch.setattr(runner, "train_task", real_train)
+    interrupt_training(None)
     assert _run(tiny_llama_dir, data_dir, run, "--report-to", "tensorboard") == 0
     assert [s[0] for s in _logged_steps(run)] == list(range(1, 13))
     assert [s for s, _ in _scalars(run)["train/loss"]] == list(range(1, 13))
@@ -162,18 +156,11 @@ def offline_wandb(tmp_path, monkeypatch):
 
 @pytest.mark.slow  # W&B's service process takes seconds to start
 def test_wandb_logs_offline_the_same_curves(tiny_llama_dir, data_dir, tmp_path, offline_wandb,
-                                            monkeypatch):
+                                            interrupt_training):
     run = tmp_path / "myrun"
-    real_train = runner.train_task
-
-    def interrupt_task_3(model, method, index, *args, **kwargs):
-        if index == 2:
-            raise KeyboardInterrupt
-        return real_train(model, method, index, *args, **kwargs)
-
-    monkeypatch.setattr(runner, "train_task", interrupt_task_3)
+    interrupt_training(2)
     assert _run(tiny_llama_dir, data_dir, run, "--report-to", "wandb") == 130
-    monkeypatch.setattr(runner, "train_task", real_train)
+    interrupt_training(None)
     assert _run(tiny_llama_dir, data_dir, run, "--report-to", "wandb") == 0
 
     steps = _logged_steps(run)
